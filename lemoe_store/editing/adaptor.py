@@ -1,0 +1,243 @@
+"""Module insertion: the LEMoE adaptor beside one decoder layer's MLP.
+
+    h = MLP(x) + scale * E_r(x)      for the expert r the query is routed to, from the last prompt token on
+
+Routing happens once per sequence, at prefill, from the prompt's key (see `routing.py`); generated tokens
+reuse that decision, so KV-cache generation routes exactly like a full forward. Rows routed to no expert
+get the base MLP output untouched (bit-identical logits), and so do all positions before the last prompt
+token, which leaves the prompt's K/V cache identical to the base model's at every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import EditConfig
+from .routing import NO_EXPERT, AnchorIndex, Route, prompt_keys
+
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_LAYER_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.layers")
+
+
+class Expert(nn.Module):
+    """A small gated FFN (hidden -> rank -> hidden); its output projection starts at zero."""
+
+    def __init__(self, hidden: int, rank: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(hidden, rank, bias=False)
+        self.up = nn.Linear(hidden, rank, bias=False)
+        self.down = nn.Linear(rank, hidden, bias=False)
+        nn.init.zeros_(self.down.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+@dataclass
+class ExpertArtifact:
+    """What one edit batch leaves behind: a frozen expert, its anchor keys and the training record."""
+
+    weights: dict[str, torch.Tensor]
+    anchors: torch.Tensor
+    anchor_facts: list[str]
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.weights["gate.weight"].shape[0]
+
+
+@dataclass
+class RoutingDecision:
+    experts: torch.Tensor  # (B,) expert index per row, NO_EXPERT for none
+    start: torch.Tensor  # (B,) first position of the current input chunk the expert applies to
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layer list of a causal LM (Llama, Qwen2, Mistral, GPT-2, GPT-NeoX, ...)."""
+    for dotted in _LAYER_LISTS:
+        module: object = model
+        for part in dotted.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+    return max(lists, key=len)
+
+
+def _mlp_name(layer: nn.Module) -> str:
+    for name in _MLP_NAMES:
+        if isinstance(getattr(layer, name, None), nn.Module):
+            return name
+    raise ValueError(f"cannot find the MLP of {type(layer).__name__} (looked for {', '.join(_MLP_NAMES)})")
+
+
+class LemoeAdaptor(nn.Module):
+    """Wraps one MLP; holds the frozen experts, their anchor index and the per-sequence routing."""
+
+    def __init__(self, base: nn.Module, hidden: int, config: EditConfig, layer: int) -> None:
+        super().__init__()
+        self.base = base
+        self.hidden = hidden
+        self.layer = layer
+        self.config = config
+        self.experts = nn.ModuleList()
+        self.anchors = AnchorIndex(hidden, config.threshold)
+        self.anchor_facts: list[str] = []
+        self.last_keys: torch.Tensor | None = None
+        self.last_routes: list[Route] = []
+        self._prefill: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._decision: RoutingDecision | None = None
+        self._forced: RoutingDecision | None = None
+        self._prompt_lengths: torch.Tensor | None = None
+        self._bypass = False
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+
+    # -- experts -----------------------------------------------------------------------------------
+    def add_expert(self, artifact: ExpertArtifact | None = None, rank: int | None = None) -> int:
+        """Append an expert (frozen if loaded from an artifact, trainable if new); return its index."""
+        reference = self.base_parameter()
+        expert = Expert(self.hidden, artifact.rank if artifact else (rank or self.config.rank))
+        expert.to(device=reference.device, dtype=reference.dtype)
+        if artifact is not None:
+            expert.load_state_dict({k: v.to(reference.dtype) for k, v in artifact.weights.items()})
+            expert.requires_grad_(False)
+            self.add_anchors(artifact.anchors, len(self.experts), artifact.anchor_facts)
+        self.experts.append(expert)
+        return len(self.experts) - 1
+
+    def add_anchors(self, keys: torch.Tensor, expert: int, facts: list[str]) -> None:
+        self.anchors.add(keys, expert)
+        self.anchor_facts.extend(facts)
+
+    def base_parameter(self) -> torch.Tensor:
+        return next(self.base.parameters())
+
+    # -- routing state, driven by the model's forward pre-hook ---------------------------------------
+    def begin_sequence(self, attention_mask: torch.Tensor) -> None:
+        self._prefill = (attention_mask, self._prompt_lengths)
+
+    def continue_sequence(self) -> None:
+        self._prefill = None
+
+    @contextmanager
+    def teacher_forcing(self, prompt_lengths: torch.Tensor) -> Iterator[None]:
+        """Within: inputs are prompt + answer; route on the first `prompt_lengths[i]` real tokens of row i."""
+        self._prompt_lengths = prompt_lengths
+        try:
+            yield
+        finally:
+            self._prompt_lengths = None
+
+    @contextmanager
+    def forced(self, experts: torch.Tensor, start: torch.Tensor) -> Iterator[None]:
+        """Within: apply the given expert per row from `start` on, bypassing the key lookup (training)."""
+        self._forced = RoutingDecision(experts, start)
+        try:
+            yield
+        finally:
+            self._forced = None
+
+    @contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Within: the model is the base model (no key lookup, no expert)."""
+        self._bypass = True
+        try:
+            yield
+        finally:
+            self._bypass = False
+
+    def _route_prefill(self, x: torch.Tensor) -> RoutingDecision:
+        attention_mask, prompt_lengths = self._prefill
+        real = attention_mask.to(torch.bool)
+        rank_in_row = real.long().cumsum(dim=1) - 1
+        lengths = real.sum(dim=1) if prompt_lengths is None else prompt_lengths.to(real.device)
+        prompt_mask = real & (rank_in_row < lengths[:, None])
+        first_real = real.float().argmax(dim=1).long()
+        self.last_keys = prompt_keys(x, prompt_mask)
+        self.last_routes = self.anchors.route(self.last_keys)
+        experts = torch.tensor([r.expert for r in self.last_routes], device=x.device, dtype=torch.long)
+        return RoutingDecision(experts, first_real + lengths.long() - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self._bypass:
+            return out
+        if self._forced is not None:
+            decision = self._forced
+        elif self._prefill is not None:
+            decision = self._decision = self._route_prefill(x)
+            self._prefill = None
+        elif self._decision is not None:  # a generation step: every new token is past the prompt
+            decision = RoutingDecision(self._decision.experts, torch.zeros_like(self._decision.start))
+        else:
+            return out
+        return self._apply(x, out, decision)
+
+    def _apply(self, x: torch.Tensor, out: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
+        routed = decision.experts != NO_EXPERT
+        if not bool(routed.any()):
+            return out
+        result = out.clone()
+        positions = torch.arange(x.shape[1], device=x.device)
+        for expert in torch.unique(decision.experts[routed]).tolist():
+            rows = (decision.experts == expert).nonzero().squeeze(1)
+            active = (positions[None, :] >= decision.start[rows][:, None]).unsqueeze(-1)
+            delta = self.config.scale * self.experts[expert](x[rows])
+            result[rows] = torch.where(active, out[rows] + delta, out[rows])
+        return result
+
+
+def _before_model_forward(adaptor: LemoeAdaptor):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("cache")
+        if cache is not None and cache.get_seq_length() > 0:
+            adaptor.continue_sequence()
+            return
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs["inputs_embeds"][..., 0]
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
+        adaptor.begin_sequence(mask)
+
+    return hook
+
+
+def find_adaptor(model: nn.Module) -> LemoeAdaptor | None:
+    return next((m for m in model.modules() if isinstance(m, LemoeAdaptor)), None)
+
+
+def attach(model: nn.Module, experts: list[ExpertArtifact], config: EditConfig) -> LemoeAdaptor:
+    """Insert a LEMoE adaptor (replacing any earlier one) holding exactly `experts`, in order, frozen."""
+    detach(model)
+    layers = decoder_layers(model)
+    layer_index = config.resolved_layer(len(layers))
+    layer = layers[layer_index]
+    name = _mlp_name(layer)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    adaptor = LemoeAdaptor(getattr(layer, name), hidden, config, layer_index)
+    setattr(layer, name, adaptor)
+    adaptor._hook = model.register_forward_pre_hook(_before_model_forward(adaptor), with_kwargs=True)
+    for artifact in experts:
+        adaptor.add_expert(artifact)
+    return adaptor
+
+
+def detach(model: nn.Module) -> None:
+    """Remove the adaptor: the model is the untouched base model again."""
+    adaptor = find_adaptor(model)
+    if adaptor is None:
+        return
+    layer = decoder_layers(model)[adaptor.layer]
+    setattr(layer, _mlp_name(layer), adaptor.base)
+    if adaptor._hook is not None:
+        adaptor._hook.remove()

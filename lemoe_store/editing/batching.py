@@ -1,0 +1,105 @@
+"""Tokenising prompt/answer pairs and running them, padded, through a (possibly adapted) causal LM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adaptor import LemoeAdaptor, find_adaptor
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A prompt and the answer that should follow it, as token ids."""
+
+    prompt: list[int]
+    answer: list[int]
+
+
+def answer_text(prompt: str, answer: str) -> str:
+    """EasyEdit joins prompt and answer with one space unless either side already has one."""
+    return answer if prompt.endswith((" ", "\n")) or answer.startswith((" ", "\n")) else " " + answer
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if not ids:
+        raise ValueError(f"prompt {prompt[:40]!r} encodes to no tokens")
+    return ids
+
+
+def encode_pair(tokenizer, prompt: str, answer: str) -> Pair:
+    answer_ids = tokenizer(answer_text(prompt, answer), add_special_tokens=False)["input_ids"]
+    if not answer_ids:
+        raise ValueError(f"answer {answer[:40]!r} encodes to no tokens")
+    return Pair(encode_prompt(tokenizer, prompt), answer_ids)
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), both (B, T), rows aligned to end at the last column."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Position ids that ignore padding, so a padded row computes what it would alone."""
+    pos = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    return pos if offset is None else pos + offset[:, None]
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def teacher_forced_predictions(model, tokenizer, pairs: list[Pair], batch_size: int = 16) -> list[list[int]]:
+    """For each pair, the model's argmax at each answer position, given the true answer prefix.
+
+    If the model carries a LEMoE adaptor, routing uses the prompt tokens only, exactly as generation
+    would (the answer tokens are not part of the routing key).
+    """
+    adaptor: LemoeAdaptor | None = find_adaptor(model)
+    device = model_device(model)
+    predictions: list[list[int]] = []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        ids, mask = left_pad([p.prompt + p.answer for p in chunk], tokenizer.pad_token_id, device)
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions(mask))
+        if adaptor is not None:
+            lengths = torch.tensor([len(p.prompt) for p in chunk], device=device)
+            with adaptor.teacher_forcing(lengths):
+                logits = model(**kwargs).logits
+        else:
+            logits = model(**kwargs).logits
+        argmax = logits.argmax(dim=-1)
+        width = ids.shape[1]
+        for row, pair in enumerate(chunk):
+            first_answer = width - len(pair.answer)
+            predictions.append(argmax[row, first_answer - 1 : width - 1].tolist())
+    return predictions
+
+
+@torch.no_grad()
+def routing_keys(model, tokenizer, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """Routing keys (N, H) of prompts, computed by the model's adaptor exactly as at inference."""
+    adaptor = find_adaptor(model)
+    if adaptor is None:
+        raise ValueError("the model carries no LEMoE adaptor: attach() one first")
+    device = model_device(model)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+        ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
+        model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+        out.append(adaptor.last_keys.cpu())
+    return torch.cat(out)
+
+
+def token_accuracy(predicted: list[int], expected: list[int]) -> float:
+    return sum(int(p == e) for p, e in zip(predicted, expected)) / len(expected)

@@ -1,0 +1,132 @@
+"""Training one frozen expert per edit batch.
+
+Speed comes from what the routing rule guarantees: an expert acts only from the last prompt token on,
+so every earlier position is the base model's at every layer. One forward over the prompts gives both
+their routing keys and their K/V cache; each training step then runs only the answer positions
+(last prompt token + the answer's tokens) on top of that cache, and stops as soon as every answer token
+is the argmax and the loss is below a floor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+
+from ..schemas.facts import Fact
+from .adaptor import ExpertArtifact, LemoeAdaptor, attach
+from .batching import encode_pair, left_pad, model_device, positions, routing_keys
+from .config import EditConfig
+from .routing import NO_EXPERT
+
+StepCallback = Callable[[int, float], None]
+
+
+class Editor:
+    """Edits a model batch by batch; earlier experts stay frozen, the base model is never touched."""
+
+    def __init__(self, model, tokenizer, config: EditConfig, experts: list[ExpertArtifact] = ()) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.adaptor: LemoeAdaptor = attach(model, list(experts), config)
+        self.device = model_device(model)
+
+    def keys(self, prompts: list[str]) -> torch.Tensor:
+        """Routing keys (N, H) of prompts, exactly as inference computes them."""
+        return routing_keys(self.model, self.tokenizer, prompts)
+
+    def edit(self, facts: list[Fact], on_step: StepCallback | None = None) -> ExpertArtifact:
+        """Train a new expert on `facts`, freeze it, keep it attached, and return it."""
+        if not facts:
+            raise ValueError("an edit batch needs at least one fact")
+        began = time.perf_counter()
+        expert_index = len(self.adaptor.experts)
+        torch.manual_seed(self.config.seed * 100_003 + expert_index)
+        pairs = [encode_pair(self.tokenizer, f.prompt, f.target) for f in facts]
+        prompt_ids, prompt_mask = left_pad([p.prompt for p in pairs], self.tokenizer.pad_token_id, self.device)
+        with torch.no_grad():
+            out = self.model(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                position_ids=positions(prompt_mask),
+                use_cache=True,
+            )
+        prompt_keys = self.adaptor.last_keys.cpu()
+        # The last prompt token is re-run in every step (the expert acts on it): cache only what precedes it.
+        prefix = [(k[..., :-1, :].detach(), v[..., :-1, :].detach()) for k, v, *_ in out.cache]
+
+        anchors, anchor_facts = [prompt_keys], [f.id for f in facts]
+        if self.config.anchor_rephrases:
+            rephrases = [(f.id, r) for f in facts for r in f.rephrases]
+            if rephrases:
+                anchors.append(self.keys([r for _, r in rephrases]))
+                anchor_facts += [fid for fid, _ in rephrases]
+        anchors_tensor = torch.cat(anchors)
+
+        self.adaptor.add_expert(rank=self.config.rank)
+        self.adaptor.add_anchors(anchors_tensor, expert_index, anchor_facts)
+        routes = self.adaptor.anchors.route(prompt_keys.to(self.device))
+        trained = torch.tensor([r.expert == expert_index for r in routes], device=self.device)
+        expert = self.adaptor.experts[expert_index]
+        expert.requires_grad_(True)
+        try:
+            steps, loss = self._train(expert, pairs, prompt_mask, prefix, trained, expert_index, on_step)
+        finally:
+            expert.requires_grad_(False)
+        weights = {k: v.detach().to("cpu", torch.float32).clone() for k, v in expert.state_dict().items()}
+        stats = {
+            "steps": steps,
+            "loss": round(loss, 6),
+            "seconds": round(time.perf_counter() - began, 3),
+            "facts": len(facts),
+            "facts_routed_to_expert": int(trained.sum()),
+        }
+        return ExpertArtifact(weights, anchors_tensor.float(), anchor_facts, stats)
+
+    def _train(self, expert, pairs, prompt_mask, prefix, trained, expert_index, on_step) -> tuple[int, float]:
+        device, pad = self.device, self.tokenizer.pad_token_id
+        width = max(len(p.answer) for p in pairs)
+        inputs = torch.full((len(pairs), width), pad, dtype=torch.long)
+        labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+        for row, pair in enumerate(pairs):
+            chunk = [pair.prompt[-1]] + pair.answer[:-1]
+            inputs[row, : len(chunk)] = torch.tensor(chunk)
+            labels[row, : len(pair.answer)] = torch.tensor(pair.answer)
+        labels[~trained.cpu()] = -100  # facts routed elsewhere (an identical newer anchor) cannot be learnt here
+        inputs, labels = inputs.to(device), labels.to(device)
+        chunk_mask = (labels != -100).long() | (inputs != pad).long()
+        chunk_mask[:, 0] = 1
+        attention = torch.cat([prompt_mask[:, :-1], chunk_mask], dim=1)
+        prompt_lengths = prompt_mask.sum(dim=1)
+        chunk_positions = prompt_lengths[:, None] - 1 + torch.arange(width, device=device)[None, :]
+        route = torch.where(trained, expert_index, NO_EXPERT)
+        start = torch.zeros(len(pairs), dtype=torch.long, device=device)
+        optimizer = torch.optim.Adam(expert.parameters(), lr=self.config.lr)
+        counted = labels != -100
+        loss_value = float("nan")
+        if not bool(counted.any()):
+            return 0, loss_value
+        for step in range(1, self.config.max_steps + 1):
+            cache = DynamicCache(ddp_cache_data=prefix, config=self.model.config)
+            with self.adaptor.forced(route, start):
+                logits = self.model(
+                    input_ids=inputs,
+                    attention_mask=attention,
+                    position_ids=chunk_positions,
+                    cache=cache,
+                    use_cache=True,
+                ).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
+            loss_value = float(loss)
+            if on_step:
+                on_step(step, loss_value)
+            learnt = bool((logits.argmax(-1) == labels)[counted].all())
+            if learnt and loss_value <= self.config.loss_floor:
+                return step - 1, loss_value
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return self.config.max_steps, loss_value

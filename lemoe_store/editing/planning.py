@@ -1,0 +1,70 @@
+"""Order planning: which facts share a batch (= one expert), and in which order batches are edited.
+
+`cluster` (the LEMoE paper's clustering-based order planning): facts are embedded with the model's own
+routing key, k-means-clustered (FAISS, spherical) into clusters of exactly the batch size (one may be
+smaller), and the clusters are chained nearest-centroid-first, so each expert learns a coherent group
+and neighbouring experts are alike. `original`, `random` (seeded) and `reverse` are the baselines.
+"""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+import torch
+
+from .config import PLANS
+
+
+def _chunks(order: list[int], size: int) -> list[list[int]]:
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def plan(keys: torch.Tensor, batch_size: int, order: str = "cluster", seed: int = 0) -> list[list[int]]:
+    """Batches of fact indices: a permutation of range(len(keys)), every batch of `batch_size` but one."""
+    if order not in PLANS:
+        raise ValueError(f"order must be one of {PLANS}, not {order!r}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be positive")
+    count = len(keys)
+    if order == "original":
+        return _chunks(list(range(count)), batch_size)
+    if order == "reverse":
+        return _chunks(list(reversed(range(count))), batch_size)
+    if order == "random":
+        rng = np.random.default_rng(seed)
+        return _chunks(rng.permutation(count).tolist(), batch_size)
+    clusters = math.ceil(count / batch_size)
+    if clusters <= 1:
+        return [list(range(count))]
+    return _cluster_plan(keys.detach().cpu().float().numpy(), batch_size, clusters, seed)
+
+
+def _cluster_plan(points: np.ndarray, batch_size: int, clusters: int, seed: int) -> list[list[int]]:
+    points = np.ascontiguousarray(points / np.linalg.norm(points, axis=1, keepdims=True).clip(1e-12))
+    kmeans = faiss.Kmeans(points.shape[1], clusters, niter=25, seed=seed, spherical=True, min_points_per_centroid=1)
+    kmeans.train(points)
+    centroids = kmeans.centroids
+    similarity = points @ centroids.T  # (N, k)
+
+    # Balanced assignment: every cluster takes exactly batch_size facts, except the one that is naturally
+    # smallest, which takes the remainder; facts claim their best cluster first, most confident first.
+    capacity = np.full(clusters, batch_size)
+    natural = np.bincount(similarity.argmax(axis=1), minlength=clusters)
+    capacity[int(np.argmin(natural))] -= clusters * batch_size - len(points)
+    assignment = np.full(len(points), -1)
+    for flat in np.argsort(-similarity, axis=None, kind="stable"):
+        point, cluster = divmod(int(flat), clusters)
+        if assignment[point] == -1 and capacity[cluster] > 0:
+            assignment[point] = cluster
+            capacity[cluster] -= 1
+
+    # Chain the clusters: start where the first fact lives, then always step to the nearest unvisited one.
+    order = [int(assignment[0])]
+    remaining = set(range(clusters)) - set(order)
+    while remaining:
+        last = centroids[order[-1]]
+        order.append(max(sorted(remaining), key=lambda c: float(centroids[c] @ last)))
+        remaining.remove(order[-1])
+    return [np.flatnonzero(assignment == c).tolist() for c in order]
