@@ -162,9 +162,11 @@ def load_model(
 ):
     """Load `(model, tokenizer)` strictly offline, in eval mode, with all base weights frozen."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     source = resolve_model(name_or_path, progress)
     _weight_files(source.path)
+    hf_logging.disable_progress_bar()  # a cached load takes a second: no bar on the user's terminal
     model = AutoModelForCausalLM.from_pretrained(
         source.path, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
     )

@@ -120,7 +120,7 @@ class Editor:
                     use_cache=True,
                 ).logits
             loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
-            loss_value = float(loss)
+            loss_value = loss.item()
             if on_step:
                 on_step(step, loss_value)
             learnt = bool((logits.argmax(-1) == labels)[counted].all())

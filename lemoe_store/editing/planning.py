@@ -43,7 +43,9 @@ def plan(keys: torch.Tensor, batch_size: int, order: str = "cluster", seed: int 
 
 def _cluster_plan(points: np.ndarray, batch_size: int, clusters: int, seed: int) -> list[list[int]]:
     points = np.ascontiguousarray(points / np.linalg.norm(points, axis=1, keepdims=True).clip(1e-12))
-    kmeans = faiss.Kmeans(points.shape[1], clusters, niter=25, seed=seed, spherical=True, min_points_per_centroid=1)
+    kmeans = faiss.Kmeans(
+        points.shape[1], clusters, niter=25, nredo=8, seed=seed, spherical=True, min_points_per_centroid=1
+    )
     kmeans.train(points)
     centroids = kmeans.centroids
     similarity = points @ centroids.T  # (N, k)

@@ -23,5 +23,13 @@ def first_error(name: str, instance: object) -> str | None:
         return None
     error = errors[0]
     field = ".".join(str(p) for p in error.absolute_path) or "(record)"
-    message = error.message if len(error.message) <= 160 else f"{error.message[:150]}… ({error.validator})"
-    return f"{field}: {message}"
+    return f"{field}: {_describe(error)}"
+
+
+def _describe(error) -> str:
+    """The validator's message, without echoing a huge offending value back."""
+    if error.validator == "maxLength":
+        return f"is longer than {error.validator_value} characters"
+    if error.validator == "maxItems":
+        return f"has more than {error.validator_value} items"
+    return error.message if len(error.message) <= 160 else f"{error.message[:150]}… ({error.validator})"

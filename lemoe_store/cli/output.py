@@ -1,0 +1,35 @@
+"""Shared rendering for every command: one `--json` option, one error path, one console."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+StoreOption = Annotated[
+    str | None, typer.Option("--store", envvar="LEMOE_DIR", help="Store path (default: .lemoe here or above).")
+]
+
+
+def print_json(data: object) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def fail(message: str, code: int = 1) -> None:
+    """One line on stderr, non-zero exit."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def short(cid: str | None) -> str:
+    return cid[:12] if cid else "-"
+
+
+def fmt(value: object, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else ("-" if value is None else str(value))

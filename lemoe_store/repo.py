@@ -1,0 +1,335 @@
+"""The Python API: a `Repo` composes the store (history) with the LEMoE engine (training, routing).
+
+    from lemoe_store.repo import Repo
+    repo = Repo.init("my-edits")                      # embedded SmolLM2 by default
+    repo.commit(load_facts("facts.jsonl"), message="2024 facts")
+    repo.ask("The capital of Atlantis is").text
+    repo.checkout("HEAD~1")
+"""
+
+from __future__ import annotations
+
+import getpass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import models
+from .editing import EditConfig, Editor, ExpertArtifact, Scores, attach, evaluate, find_adaptor, plan
+from .editing.adaptor import decoder_layers
+from .editing.batching import encode_prompt, model_device, routing_keys
+from .editing.routing import NO_EXPERT
+from .schemas.facts import Fact, canonical_jsonl, find_duplicates_and_conflicts
+from .stores import Commit, Store, StoreError, TreeEntry
+from .stores import index as idx
+from .stores.tensors import pack, unpack
+
+Progress = Callable[[dict], None]
+
+
+@dataclass
+class Answer:
+    prompt: str
+    text: str
+    rev: str | None  # the version asked
+    commit: str | None  # the commit that introduced the routed expert; None: base model answered
+    expert: int | None  # position of the routed expert in the version's tree
+    similarity: float | None
+    fact_id: str | None  # the fact whose anchor matched best
+    threshold: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class CommitPlan:
+    batches: list[list[Fact]]
+    duplicates: list[Fact] = field(default_factory=list)
+    conflicts: list = field(default_factory=list)
+    overwrites: list[str] = field(default_factory=list)  # prompts already edited in the history
+
+
+def artifact_to_blobs(artifact: ExpertArtifact) -> tuple[bytes, bytes]:
+    expert = pack(artifact.weights, {"rank": artifact.rank, "stats": artifact.stats})
+    anchors = pack({"keys": artifact.anchors.float()}, {"facts": artifact.anchor_facts})
+    return expert, anchors
+
+
+class Repo:
+    def __init__(self, store: Store, device: str = "auto") -> None:
+        self.store = store
+        self.device = device
+        self._model = None
+        self._tokenizer = None
+        self._attached: str | None = "unattached"
+
+    # -- opening ---------------------------------------------------------------------------------------
+    @classmethod
+    def init(
+        cls,
+        path: str | Path = ".",
+        model: str = models.DEFAULT_MODEL,
+        layer: int | None = None,
+        progress: Callable[[str], None] | None = None,
+        **edit: object,
+    ) -> Repo:
+        source = models.resolve_model(model, progress)
+        base, _ = models.load_model(model, device="cpu")
+        layers = len(decoder_layers(base))
+        config = EditConfig(layer=layer, **edit)
+        config.layer = config.resolved_layer(layers)
+        base_model = {
+            "id": source.model_id,
+            "fingerprint": models.fingerprint(source.path),
+            "layers": layers,
+            "hidden": base.get_input_embeddings().weight.shape[1],
+        }
+        return cls(Store.init(Path(path), base_model, config.to_dict()))
+
+    @classmethod
+    def open(cls, path: str | Path | None = None, device: str = "auto") -> Repo:
+        return cls(Store.find(path), device)
+
+    @property
+    def config(self) -> EditConfig:
+        return EditConfig.from_dict(self.store.config["edit"])
+
+    def base_model(self, progress: Callable[[str], None] | None = None):
+        """(model, tokenizer) of the store's base model, loaded once and checked against its fingerprint."""
+        if self._model is None:
+            recorded = self.store.config["base_model"]
+            source = models.resolve_model(recorded["id"], progress)
+            found = models.fingerprint(source.path)
+            if found != recorded["fingerprint"]:
+                raise StoreError(
+                    f"base model {recorded['id']} has fingerprint {found[:12]}, but this store was made with "
+                    f"{recorded['fingerprint'][:12]}: refusing to mix models"
+                )
+            self._model, self._tokenizer = models.load_model(recorded["id"], device=self.device)
+        return self._model, self._tokenizer
+
+    # -- versions ----------------------------------------------------------------------------------------
+    def experts_at(self, cid: str | None) -> list[ExpertArtifact]:
+        if cid is None:
+            return []
+        return [self._artifact(entry) for entry in self.store.read_commit(cid).tree]
+
+    def _artifact(self, entry: TreeEntry) -> ExpertArtifact:
+        weights, meta = unpack(self.store.objects.get(entry.expert), entry.expert)
+        anchors, anchor_meta = unpack(self.store.objects.get(entry.anchors), entry.anchors)
+        return ExpertArtifact(weights, anchors["keys"], list(anchor_meta["facts"]), meta.get("stats", {}))
+
+    def model_at(self, rev: str | None = None):
+        """(model, tokenizer) with exactly the experts of `rev`'s tree attached (HEAD by default)."""
+        cid = self._resolve_or_none(rev)
+        model, tokenizer = self.base_model()
+        if self._attached != cid:
+            attach(model, self.experts_at(cid), self.config)
+            self._attached = cid
+        return model, tokenizer
+
+    def _resolve_or_none(self, rev: str | None) -> str | None:
+        if rev is None:
+            return self.store.head()[1]
+        return self.store.resolve(rev)
+
+    def facts_at(self, rev: str | None = None) -> list[Fact]:
+        """Every fact of a version, in edit order; a later edit of the same prompt replaces the earlier."""
+        cid = self._resolve_or_none(rev)
+        if cid is None:
+            return []
+        by_prompt: dict[str, Fact] = {}
+        for entry in self.store.read_commit(cid).tree:
+            for record in self.store.read_facts(entry.facts):
+                by_prompt.pop(record["prompt"], None)
+                by_prompt[record["prompt"]] = Fact.from_record(record)
+        return list(by_prompt.values())
+
+    # -- writing history -------------------------------------------------------------------------------------
+    def plan_commit(self, facts: list[Fact], batch_size: int | None = None, order: str | None = None,
+                    seed: int | None = None) -> CommitPlan:
+        """Validate facts against the history and split them into batches (one expert each)."""
+        if not facts:
+            raise StoreError("nothing to commit: no facts given")
+        config = self.config
+        duplicates, conflicts = find_duplicates_and_conflicts(facts)
+        if conflicts:
+            first = conflicts[0]
+            raise StoreError(
+                f"{len(conflicts)} conflicting fact(s) in the input, e.g. {first.prompt!r} -> "
+                f"{' / '.join(map(repr, first.targets))}; keep one target per prompt"
+            )
+        dup_ids = {id(f) for f in duplicates}
+        unique = [f for f in facts if id(f) not in dup_ids]
+        known = {f.prompt: f.target for f in self.facts_at()}
+        overwrites = [f.prompt for f in unique if f.prompt in known and known[f.prompt] != f.target]
+        model, tokenizer = self.model_at(None)
+        keys = routing_keys(model, tokenizer, [f.prompt for f in unique])
+        batches = plan(keys, batch_size or config.batch_size, order or config.plan,
+                       config.seed if seed is None else seed)
+        return CommitPlan([[unique[i] for i in b] for b in batches], duplicates, conflicts, overwrites)
+
+    def commit(
+        self,
+        facts: list[Fact],
+        message: str = "",
+        batch_size: int | None = None,
+        order: str | None = None,
+        seed: int | None = None,
+        progress: Progress | None = None,
+        on_wait: Callable[[str], None] | None = None,
+    ) -> list[str]:
+        """Plan, train one frozen expert per batch and write one commit per batch; return the commit ids."""
+        config = self.config
+        seed = config.seed if seed is None else seed
+        config.seed = seed
+        with self.store.lock(on_wait=on_wait):
+            planned = self.plan_commit(facts, batch_size, order, seed)
+            head = self.store.head()[1]
+            model, tokenizer = self.base_model()
+            editor = Editor(model, tokenizer, config, self.experts_at(head))
+            self._attached = "editing"
+            tree = list(self.store.read_commit(head).tree) if head else []
+            created = []
+            for number, batch in enumerate(planned.batches, start=1):
+                def on_step(step: int, loss: float, number: int = number) -> None:
+                    if progress:
+                        progress({"batch": number, "batches": len(planned.batches), "step": step, "loss": loss})
+
+                artifact = editor.edit(batch, on_step=on_step)
+                scores = evaluate(model, tokenizer, batch)
+                entry = self._write_artifact(artifact, batch)
+                tree.append(entry)
+                subject = message or f"edit {len(batch)} fact(s)"
+                if len(planned.batches) > 1:
+                    subject = f"{subject} [{number}/{len(planned.batches)}]"
+                commit = Commit(
+                    kind="edit",
+                    parents=[head] if head else [],
+                    author=_author(),
+                    time=time.time(),
+                    message=subject,
+                    base_model={k: self.store.config["base_model"][k] for k in ("id", "fingerprint")},
+                    expert=entry,
+                    tree=list(tree),
+                    planner={"order": order or config.plan, "batch_size": batch_size or config.batch_size,
+                             "batch": number, "batches": len(planned.batches)},
+                    training=config.to_dict(),
+                    seed=seed,
+                    metrics={**scores.to_dict(), **artifact.stats},
+                )
+                head = self.store.add_commit(commit, expected_head=head)
+                created.append(head)
+                if progress:
+                    progress({"batch": number, "batches": len(planned.batches), "commit": head, **artifact.stats})
+            self._attached = head
+        return created
+
+    def _write_artifact(self, artifact: ExpertArtifact, facts: list[Fact]) -> TreeEntry:
+        expert_bytes, anchor_bytes = artifact_to_blobs(artifact)
+        return TreeEntry(
+            expert=self.store.objects.put(expert_bytes),
+            anchors=self.store.objects.put(anchor_bytes),
+            facts=self.store.objects.put(canonical_jsonl(facts)),
+        )
+
+    def checkout(self, rev: str, new_branch: str | None = None) -> str:
+        """Move HEAD (to a branch, or detached to a commit); with new_branch, create it at rev first."""
+        cid = self.store.resolve(rev)
+        if new_branch:
+            self.store.create_branch(new_branch, cid)
+            self.store.checkout(new_branch, f"checkout: new branch {new_branch} at {rev}")
+        elif rev in self.store.branches():
+            self.store.checkout(rev, f"checkout: moving to {rev}")
+        else:
+            self.store.checkout(cid, f"checkout: moving to {rev}")
+        return cid
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def log(self, rev: str | None = None, limit: int | None = None, grep: str | None = None) -> list[tuple[str, Commit]]:
+        cid = self._resolve_or_none(rev)
+        if cid is None:
+            return []
+        hits = idx.search_commits(self.store.db, grep) if grep else None
+        out = []
+        for commit_id, commit in self.store.walk(cid):
+            if hits is None or commit_id in hits:
+                out.append((commit_id, commit))
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
+
+    def introducing_commit(self, expert_id: str) -> str | None:
+        found = idx.commits_introducing(self.store.db, expert_id)
+        return found[0] if found else None
+
+    @torch.no_grad()
+    def ask(self, prompt: str, rev: str | None = None, max_new_tokens: int = 16) -> Answer:
+        """Greedy answer at a version, with the routing decision that produced it."""
+        cid = self._resolve_or_none(rev)
+        model, tokenizer = self.model_at(cid)
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=model_device(model))
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        text = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+        adaptor = find_adaptor(model)
+        answer = Answer(prompt, text, cid, None, None, None, None, self.config.threshold)
+        if adaptor is not None and adaptor.last_routes:
+            route = adaptor.last_routes[0]
+            answer.similarity = route.similarity if route.anchor >= 0 else None
+            if route.anchor >= 0:
+                answer.fact_id = adaptor.anchor_facts[route.anchor]
+            if route.expert != NO_EXPERT:
+                answer.expert = route.expert
+                entry = self.store.read_commit(cid).tree[route.expert]
+                answer.commit = self.introducing_commit(entry.expert)
+        return answer
+
+    def evaluate(self, facts: list[Fact] | None = None, rev: str | None = None) -> Scores:
+        cid = self._resolve_or_none(rev)
+        facts = self.facts_at(cid) if facts is None else facts
+        if not facts:
+            raise StoreError("no facts to evaluate at this version")
+        model, tokenizer = self.model_at(cid)
+        return evaluate(model, tokenizer, facts)
+
+    def status(self) -> dict:
+        branch, cid = self.store.head()
+        tree = self.store.read_commit(cid).tree if cid else []
+        return {
+            "store": str(self.store.root),
+            "model": self.store.config["base_model"]["id"],
+            "fingerprint": self.store.config["base_model"]["fingerprint"],
+            "layer": self.config.layer,
+            "branch": branch,
+            "head": cid,
+            "experts_active": len(tree),
+            "facts_active": len(self.facts_at(cid)) if cid else 0,
+            "bytes_on_disk": self.store.size_on_disk(),
+        }
+
+    def show(self, rev: str = "HEAD") -> dict:
+        cid = self.store.resolve(rev)
+        commit = self.store.read_commit(cid)
+        data = {"id": cid, **commit.to_dict()}
+        if commit.expert:
+            data["facts"] = self.store.read_facts(commit.expert.facts)
+            data["expert_bytes"] = self.store.objects.size(commit.expert.expert)
+            data["anchors_bytes"] = self.store.objects.size(commit.expert.anchors)
+        return data
+
+
+def _author() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"

@@ -1,0 +1,29 @@
+"""Errors of the store; each message is one line a user can act on."""
+
+
+class StoreError(Exception):
+    """Base class: anything wrong with a store or a request to it."""
+
+
+class NotAStoreError(StoreError):
+    pass
+
+
+class BadRevisionError(StoreError):
+    pass
+
+
+class BadNameError(StoreError):
+    pass
+
+
+class CorruptObjectError(StoreError):
+    pass
+
+
+class RefConflictError(StoreError):
+    """A compare-and-swap ref update found a value other than the expected one."""
+
+
+class LockTimeoutError(StoreError):
+    pass

@@ -1,0 +1,270 @@
+"""The store: `.lemoe/` with objects, refs, config.json, index.db and cache/ (see the README's layout).
+
+A commit is written objects-first, then made visible by one compare-and-swap of a ref: a crash at any
+point leaves the old history or the new one. The SQLite index and the cache are derived and rebuilt
+whenever they disagree with the refs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import sqlite_utils
+
+from ..schemas import first_error
+from . import index as idx
+from .errors import BadRevisionError, NotAStoreError, StoreError
+from .fsutil import TEMP_PREFIX, atomic_write
+from .lock import store_lock
+from .manifest import Commit
+from .objects import ObjectStore, check_object_id
+from .refs import HEADS, TAGS, RefStore, check_ref_name
+from .tensors import unpack
+
+STORE_DIR = ".lemoe"
+FORMAT_VERSION = 1
+_REV = re.compile(r"^(?P<base>[^~^]+)(?P<ops>(?:[~^]\d*)*)$")
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.objects = ObjectStore(root / "objects")
+        self.refs = RefStore(root)
+        self.config = self._read_config()
+        self._db: sqlite_utils.Database | None = None
+
+    # -- creating and finding ------------------------------------------------------------------------
+    @classmethod
+    def init(cls, path: Path, base_model: dict, edit: dict) -> Store:
+        root = Path(path).resolve() / STORE_DIR
+        if (root / "config.json").exists():
+            raise StoreError(f"a store already exists at {root}")
+        config = {"format_version": FORMAT_VERSION, "base_model": base_model, "edit": edit, "created": time.time()}
+        problem = first_error("config", config)
+        if problem:
+            raise StoreError(f"invalid store config: {problem}")
+        for sub in ("objects", "refs/heads", "refs/tags", "logs", "cache"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        atomic_write(root / "HEAD", f"ref: {HEADS}main\n".encode())
+        atomic_write(root / "config.json", json.dumps(config, indent=2, sort_keys=True).encode())  # last: marks done
+        return cls(root)
+
+    @classmethod
+    def find(cls, start: Path | str | None = None) -> Store:
+        """The store at `start` (a store dir or a dir holding .lemoe), `$LEMOE_DIR`, or found upwards."""
+        if start is None and os.environ.get("LEMOE_DIR"):
+            start = os.environ["LEMOE_DIR"]
+        if start is not None:
+            path = Path(start).resolve()
+            for candidate in (path, path / STORE_DIR):
+                if (candidate / "config.json").is_file():
+                    return cls(candidate)
+            raise NotAStoreError(f"no lemoe store at {path} (run `lemoe init`)")
+        here = Path.cwd().resolve()
+        for directory in (here, *here.parents):
+            if (directory / STORE_DIR / "config.json").is_file():
+                return cls(directory / STORE_DIR)
+        raise NotAStoreError("not in a lemoe store (or any parent directory); run `lemoe init` or pass --store")
+
+    def _read_config(self) -> dict:
+        try:
+            config = json.loads((self.root / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise NotAStoreError(f"{self.root}/config.json is unreadable: {exc}") from None
+        version = config.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"{self.root} has store format {version!r}; this lemoe reads format {FORMAT_VERSION} only"
+            )
+        problem = first_error("config", config)
+        if problem:
+            raise StoreError(f"{self.root}/config.json is invalid: {problem}")
+        return config
+
+    def lock(self, on_wait: Callable[[str], None] | None = None, timeout: float = 600.0) -> AbstractContextManager:
+        """The writer lock: held for a whole write operation (commit, revert, replay, gc)."""
+        return store_lock(self.root / "lock", timeout=timeout, on_wait=on_wait)
+
+    # -- commits -------------------------------------------------------------------------------------
+    def read_commit(self, cid: str) -> Commit:
+        return Commit.from_bytes(self.objects.get(cid), cid)
+
+    def head(self) -> tuple[str | None, str | None]:
+        """(branch name or None when detached, HEAD commit id or None in an empty store)."""
+        ref, cid = self.refs.head()
+        return (ref[len(HEADS):] if ref else None), cid
+
+    def add_commit(self, commit: Commit, expected_head: str | None) -> str:
+        """Store `commit` and move HEAD's branch (or detached HEAD) to it, if HEAD is still `expected_head`."""
+        cid = self.objects.put(commit.to_bytes())
+        ref, _ = self.refs.head()
+        message = f"commit: {commit.subject}"
+        if ref:
+            self.refs.set_if_equals(ref, expected_head, cid, message)
+            self.refs._log("HEAD", expected_head, cid, message)
+        else:
+            self.refs.set_head(cid, message)
+        self._index_commit(cid, commit)
+        return cid
+
+    def walk(self, start: str) -> Iterator[tuple[str, Commit]]:
+        """First-parent history from `start`, newest first."""
+        cid: str | None = start
+        while cid:
+            commit = self.read_commit(cid)
+            yield cid, commit
+            cid = commit.parents[0] if commit.parents else None
+
+    def resolve(self, rev: str) -> str:
+        """A commit id from HEAD, a branch, a tag, a full or unique short id (>= 4), with ~N / ^ suffixes."""
+        match = _REV.match(rev.strip()) if isinstance(rev, str) else None
+        if not match:
+            raise BadRevisionError(f"bad revision {str(rev)[:80]!r}")
+        cid = self._resolve_base(match["base"])
+        for op in re.findall(r"[~^]\d*", match["ops"]):
+            count = int(op[1:]) if op[1:] else 1
+            steps = count if op[0] == "~" else 1
+            if op[0] == "^" and count > 1:
+                raise BadRevisionError(f"{rev!r}: commits have only one parent")
+            for _ in range(steps if count else 0):
+                parents = self.read_commit(cid).parents
+                if not parents:
+                    raise BadRevisionError(f"{rev!r} goes past the first commit")
+                cid = parents[0]
+        return cid
+
+    def _resolve_base(self, base: str) -> str:
+        if base in ("HEAD", "@"):
+            _, cid = self.refs.head()
+            if cid is None:
+                raise BadRevisionError("HEAD has no commits yet")
+            return cid
+        for ref in (f"{HEADS}{base}", f"{TAGS}{base}"):
+            try:
+                cid = self.refs.commit_of(ref)
+            except StoreError:
+                cid = None
+            if cid:
+                return cid
+        if re.fullmatch(r"[0-9a-f]{4,64}", base):
+            matches = [m for m in self.objects.prefix_matches(base) if self._is_commit(m)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise BadRevisionError(f"short id {base!r} is ambiguous ({len(matches)} commits)")
+        raise BadRevisionError(f"unknown revision {base!r}")
+
+    def _is_commit(self, oid: str) -> bool:
+        try:
+            self.read_commit(oid)
+            return True
+        except StoreError:
+            return False
+
+    def branches(self) -> dict[str, str]:
+        return self.refs.list(HEADS)
+
+    def tags(self) -> dict[str, str]:
+        return self.refs.list(TAGS)
+
+    def create_branch(self, name: str, cid: str) -> None:
+        check_ref_name(name)
+        self.refs.set_if_equals(f"{HEADS}{name}", None, check_object_id(cid), f"branch: created from {cid[:12]}")
+
+    def checkout(self, target: str, message: str) -> None:
+        """Point HEAD at a branch name (attached) or at a commit id (detached)."""
+        if target in self.branches():
+            self.refs.set_head(f"{HEADS}{target}", message)
+        else:
+            self.refs.set_head(check_object_id(target), message)
+
+    # -- the derived index ---------------------------------------------------------------------------
+    def all_refs(self) -> dict[str, str]:
+        refs = {f"{HEADS}{k}": v for k, v in self.branches().items()}
+        refs.update({f"{TAGS}{k}": v for k, v in self.tags().items()})
+        return refs
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The SQLite index, rebuilt first if it does not match the refs."""
+        if self._db is None:
+            self._db = idx.open_index(self.root / "index.db")
+        if idx.indexed_refs(self._db) != self.all_refs():
+            self.reindex()
+        return self._db
+
+    def reindex(self) -> int:
+        """Rebuild index.db and drop cache/ from objects + refs; return the number of commits indexed."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        for leftover in self.root.glob("index.db*"):
+            leftover.unlink()
+        shutil.rmtree(self.root / "cache", ignore_errors=True)
+        (self.root / "cache").mkdir()
+        self._db = idx.open_index(self.root / "index.db")
+        order: list[str] = []
+        seen: set[str] = set()
+        for cid in sorted(set(self.all_refs().values())):
+            chain = [c for c, _ in self.walk(cid) if c not in seen]
+            seen.update(chain)
+            order.extend(reversed(chain))
+        # Oldest first, so an expert is recorded against the commit that introduced it.
+        for cid in sorted(order, key=lambda c: (self.read_commit(c).time, c)):
+            self._index_commit(cid, self.read_commit(cid), sync_refs=False)
+        idx.set_refs(self._db, self.all_refs())
+        return len(order)
+
+    def _index_commit(self, cid: str, commit: Commit, sync_refs: bool = True) -> None:
+        if self._db is None:
+            self._db = idx.open_index(self.root / "index.db")
+        facts: list[dict] = []
+        expert = None
+        if commit.expert is not None:
+            facts = [
+                {"fact_id": f["id"], "prompt": f["prompt"], "target": f["target"], "subject": f.get("subject", "")}
+                for f in self.read_facts(commit.expert.facts)
+            ]
+            anchors_meta = self.read_blob_metadata(commit.expert.anchors)
+            expert = {
+                "id": commit.expert.expert,
+                "anchors": commit.expert.anchors,
+                "facts": commit.expert.facts,
+                "bytes": self.objects.size(commit.expert.expert) + self.objects.size(commit.expert.anchors),
+                "anchors_count": len(anchors_meta.get("facts", [])),
+            }
+        record = {
+            "kind": commit.kind,
+            "parent": commit.parents[0] if commit.parents else None,
+            "author": commit.author,
+            "time": commit.time,
+            "message": commit.message,
+            "facts_count": len(facts),
+            "experts_active": len(commit.tree),
+            "expert": commit.expert.expert if commit.expert else None,
+            "metrics": dict(commit.metrics),
+        }
+        idx.add_commit(self._db, cid, record, facts, expert)
+        if sync_refs:
+            idx.set_refs(self._db, self.all_refs())
+
+    # -- typed blobs ---------------------------------------------------------------------------------
+    def read_facts(self, oid: str) -> list[dict]:
+        return [json.loads(line) for line in self.objects.get(oid).decode("utf-8").splitlines() if line]
+
+    def read_blob_metadata(self, oid: str) -> dict:
+        return unpack(self.objects.get(oid), oid)[1]
+
+    def size_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    def temp_files(self) -> list[Path]:
+        return [p for p in self.root.rglob(f"{TEMP_PREFIX}*") if p.is_file()]

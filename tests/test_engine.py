@@ -1,0 +1,149 @@
+"""The LEMoE engine on tiny random models: exactness, freezing, routing consistency, planning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_facts
+from lemoe_store.editing import EditConfig, Editor, attach, detach, evaluate, find_adaptor, plan
+from lemoe_store.editing.batching import encode_pair, encode_prompt, teacher_forced_predictions
+from lemoe_store.editing.routing import NO_EXPERT
+from lemoe_store.models import load_model
+
+CONFIG = dict(layer=2, rank=16, threshold=0.9, lr=2e-2, max_steps=80, anchor_rephrases=False)
+
+
+def _logits(model, tokenizer, prompt: str) -> torch.Tensor:
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.fixture
+def llama(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir), device="cpu")
+
+
+def test_untrained_expert_changes_nothing(llama):
+    model, tokenizer = llama
+    facts = tiny_facts()[:4]
+    before = [_logits(model, tokenizer, f.prompt) for f in facts]
+    editor = Editor(model, tokenizer, EditConfig(**CONFIG))
+    keys = editor.keys([f.prompt for f in facts])
+    editor.adaptor.add_expert(rank=16)
+    editor.adaptor.add_anchors(keys, 0, [f.id for f in facts])
+    for fact, reference in zip(facts, before):
+        after = _logits(model, tokenizer, fact.prompt)
+        assert editor.adaptor.last_routes[0].expert == 0  # really routed, and still identical
+        assert torch.equal(after, reference)
+
+
+def test_edit_makes_targets_argmax_and_leaves_unrelated_prompts_exact(llama):
+    model, tokenizer = llama
+    facts = tiny_facts()[:6]
+    unrelated = "What is the name of the last episode?"
+    base_unrelated = _logits(model, tokenizer, unrelated)
+    pairs = [encode_pair(tokenizer, f.prompt, f.target) for f in facts]
+    assert teacher_forced_predictions(model, tokenizer, pairs) != [p.answer for p in pairs]
+
+    editor = Editor(model, tokenizer, EditConfig(**CONFIG))
+    artifact = editor.edit(facts)
+
+    assert teacher_forced_predictions(model, tokenizer, pairs) == [p.answer for p in pairs]
+    assert artifact.stats["facts_routed_to_expert"] == len(facts)
+    after_unrelated = _logits(model, tokenizer, unrelated)
+    assert editor.adaptor.last_routes[0].expert == NO_EXPERT
+    assert torch.equal(after_unrelated, base_unrelated)
+    assert evaluate(model, tokenizer, facts).rel == 1.0
+
+
+def test_earlier_experts_are_frozen_bit_for_bit(llama):
+    model, tokenizer = llama
+    facts = tiny_facts()
+    editor = Editor(model, tokenizer, EditConfig(**CONFIG))
+    first = editor.edit(facts[:6])
+    snapshot = {k: v.clone() for k, v in editor.adaptor.experts[0].state_dict().items()}
+    editor.edit(facts[6:])
+    for name, tensor in editor.adaptor.experts[0].state_dict().items():
+        assert torch.equal(tensor, snapshot[name])
+        assert torch.equal(tensor, first.weights[name])
+    assert not any(p.requires_grad for p in editor.adaptor.parameters())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_routing_is_the_same_in_full_forward_and_cached_generation(llama):
+    model, tokenizer = llama
+    facts = tiny_facts()
+    editor = Editor(model, tokenizer, EditConfig(**CONFIG))
+    editor.edit(facts[:6])
+    editor.edit(facts[6:])
+    adaptor = find_adaptor(model)
+    for index, fact in enumerate(facts):
+        own = 0 if index < 6 else 1
+        prompt = encode_prompt(tokenizer, fact.prompt)
+        answer = encode_pair(tokenizer, fact.prompt, fact.target).answer
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            model(input_ids=ids)
+        assert adaptor.last_routes[0].expert == own
+        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(answer),
+                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        assert adaptor.last_routes[0].expert == own
+        # The same greedy tokens from full forwards without a cache, routed on the prompt alone.
+        sequence = list(prompt)
+        for _ in range(len(answer)):
+            full = torch.tensor([sequence])
+            with torch.no_grad(), adaptor.teacher_forcing(torch.tensor([len(prompt)])):
+                sequence.append(int(model(input_ids=full).logits[0, -1].argmax()))
+        assert generated == sequence[len(prompt):]
+        assert generated == answer
+
+
+def test_works_on_gpt2_layout(tiny_gpt2_dir):
+    model, tokenizer = load_model(str(tiny_gpt2_dir), device="cpu")
+    facts = tiny_facts()[:4]
+    Editor(model, tokenizer, EditConfig(**{**CONFIG, "layer": 1}))
+    editor = find_adaptor(model)
+    assert type(editor.base).__name__ == "GPT2MLP"
+    Editor(model, tokenizer, EditConfig(**{**CONFIG, "layer": 1})).edit(facts)
+    assert evaluate(model, tokenizer, facts).rel == 1.0
+    detach(model)
+    assert find_adaptor(model) is None
+
+
+def test_attach_restores_a_version_from_artifacts(llama):
+    model, tokenizer = llama
+    facts = tiny_facts()[:6]
+    config = EditConfig(**CONFIG)
+    artifact = Editor(model, tokenizer, config).edit(facts)
+    edited = _logits(model, tokenizer, facts[0].prompt)
+    detach(model)
+    base = _logits(model, tokenizer, facts[0].prompt)
+    attach(model, [artifact], config)
+    assert torch.equal(_logits(model, tokenizer, facts[0].prompt), edited)
+    assert not torch.equal(edited, base)
+
+
+@pytest.mark.parametrize("order", ["cluster", "original", "random", "reverse"])
+def test_plan_is_a_deterministic_permutation_in_batches(order):
+    keys = torch.randn(23, 16, generator=torch.Generator().manual_seed(1))
+    batches = plan(keys, 5, order, seed=3)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(23))
+    assert len(batches) == 5
+    assert sorted(len(b) for b in batches) == [3, 5, 5, 5, 5]
+    assert plan(keys, 5, order, seed=3) == batches
+    if order == "original":
+        assert flat == list(range(23))
+    if order == "reverse":
+        assert flat == list(range(22, -1, -1))
+
+
+def test_cluster_plan_groups_similar_facts():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 32, generator=generator) * 5
+    keys = torch.cat([centres[i % 4] + 0.1 * torch.randn(32, generator=generator) for i in range(20)]).view(20, 32)
+    batches = plan(keys, 5, "cluster", seed=0)
+    for batch in batches:
+        assert len({i % 4 for i in batch}) == 1  # each batch is one cluster

@@ -1,0 +1,75 @@
+"""Fact loading: native JSONL, ZsRE, CounterFact; one-line errors that name file, line and field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lemoe_store.schemas.facts import Fact, FactsError, canonical_jsonl, load_facts, parse_jsonl
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def _write(tmp_path, text: str | bytes, name: str = "facts.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def test_native_jsonl_roundtrips_canonically(tmp_path):
+    record = {"prompt": "The capital of Atlantis is", "target": "Poseidonia", "rephrases": ["Atlantis' capital:"],
+              "locality": [{"prompt": "The capital of Peru is", "answer": "Lima"}], "subject": "Atlantis"}
+    facts = load_facts(_write(tmp_path, json.dumps(record) + "\n\n"))
+    assert facts[0].prompt == record["prompt"] and facts[0].id.startswith("f")
+    data = canonical_jsonl(facts)
+    assert parse_jsonl(data) == facts
+    assert canonical_jsonl(parse_jsonl(data)) == data
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"prompt": "a", "target": ""}', "facts.jsonl:1: target:"),
+        ('{"prompt": "a"}', "facts.jsonl:1: (record): 'target' is a required property"),
+        ('{"prompt": 3, "target": "b"}', "facts.jsonl:1: prompt: 3 is not of type 'string'"),
+        ('{"prompt": "a", "target": "b", "extra": 1}', "facts.jsonl:1: (record): Additional properties"),
+        ('{"prompt": "   ", "target": "b"}', "facts.jsonl:1: prompt: is blank"),
+        ('{"prompt": "a\\u0000", "target": "b"}', "facts.jsonl:1: prompt: contains a NUL byte"),
+        ('{"prompt": "a", "target": "b"}\n{"prompt": "a", ', "facts.jsonl:2: (record): invalid JSON"),
+        ('[1, 2]', "facts.jsonl:record:1: (record): expected a JSON object"),
+        ('{"prompt": "a", "target": "b", "locality": [{"prompt": "x"}]}', "locality.0: 'answer' is a required"),
+    ],
+)
+def test_invalid_records_name_file_line_and_field(tmp_path, content, expected):
+    with pytest.raises(FactsError) as info:
+        load_facts(_write(tmp_path, content))
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_invalid_utf8_and_huge_prompts_are_refused(tmp_path):
+    with pytest.raises(FactsError, match="facts.jsonl:1: .*invalid UTF-8"):
+        load_facts(_write(tmp_path, b'{"prompt": "\xff", "target": "b"}\n'))
+    huge = json.dumps({"prompt": "x" * 1_000_000, "target": "b"})
+    with pytest.raises(FactsError, match="prompt: is longer than 2000 characters") as info:
+        load_facts(_write(tmp_path, huge))
+    assert len(str(info.value)) < 300
+
+
+def test_empty_file_is_an_error(tmp_path):
+    with pytest.raises(FactsError, match="holds no facts"):
+        load_facts(_write(tmp_path, "\n"))
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="benchmark data not present")
+def test_zsre_and_counterfact_are_detected():
+    zsre = load_facts(SHARED / "zsre_mend_eval.json")
+    assert len(zsre) == 1037 and zsre[0].rephrases and zsre[0].locality
+    skipped: list[str] = []
+    train = load_facts(SHARED / "zsre_mend_train-1k.json", skipped=skipped)
+    assert len(train) + len(skipped) == 1000 and all("target" in s for s in skipped)
+    counterfact = load_facts(SHARED / "counterfact-edit-1k.json")
+    assert counterfact[0] == Fact(**{**counterfact[0].__dict__})
+    assert counterfact[0].id.startswith("cf")
