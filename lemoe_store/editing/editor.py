@@ -10,18 +10,55 @@ is the argmax and the loss is below a floor.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 
 from ..schemas.facts import Fact
-from .adaptor import ExpertArtifact, LemoeAdaptor, attach
+from .adaptor import ExpertArtifact, LemoeAdaptor, attach, decoder_layers
 from .batching import encode_pair, left_pad, model_device, positions, routing_keys
 from .config import EditConfig
 from .routing import NO_EXPERT
 
 StepCallback = Callable[[int, float], None]
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder layer below the adaptor during training: their output never changes
+    (no expert acts below the adaptor), so the first stand-in returns the recorded input of the adaptor's
+    layer and the others pass it on. Each step then costs only the layers from the adaptor up."""
+
+    def __init__(self, recorded: torch.Tensor | None) -> None:
+        super().__init__()
+        self.recorded = recorded
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.recorded if self.recorded is not None else hidden_states
+
+
+@contextmanager
+def _lower_layers_replayed(model: nn.Module, layer: int, recorded: torch.Tensor) -> Iterator[None]:
+    layers = decoder_layers(model)
+    originals = [layers[i] for i in range(layer)]
+    for i in range(layer):
+        layers[i] = _Replay(recorded if i == 0 else None)
+    try:
+        yield
+    finally:
+        for i, original in enumerate(originals):
+            layers[i] = original
+
+
+@contextmanager
+def _recording_input(module: nn.Module, into: list) -> Iterator[None]:
+    handle = module.register_forward_pre_hook(lambda _m, args: into.append(args[0].detach()))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class Editor:
@@ -109,24 +146,34 @@ class Editor:
         loss_value = float("nan")
         if not bool(counted.any()):
             return 0, loss_value
-        for step in range(1, self.config.max_steps + 1):
+        adaptor_layer = decoder_layers(self.model)[self.adaptor.layer]
+
+        def forward() -> torch.Tensor:
             cache = DynamicCache(ddp_cache_data=prefix, config=self.model.config)
             with self.adaptor.forced(route, start):
-                logits = self.model(
+                return self.model(
                     input_ids=inputs,
                     attention_mask=attention,
                     position_ids=chunk_positions,
                     cache=cache,
                     use_cache=True,
                 ).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
-            loss_value = loss.item()
-            if on_step:
-                on_step(step, loss_value)
-            learnt = bool((logits.argmax(-1) == labels)[counted].all())
-            if learnt and loss_value <= self.config.loss_floor:
-                return step - 1, loss_value
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+
+        recorded: list[torch.Tensor] = []
+        with _recording_input(decoder_layers(self.model)[self.adaptor.layer], recorded):
+            logits = forward()
+        with _lower_layers_replayed(self.model, self.adaptor.layer, recorded[0]):
+            for step in range(1, self.config.max_steps + 1):
+                if step > 1:
+                    logits = forward()
+                loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
+                loss_value = loss.item()
+                if on_step:
+                    on_step(step, loss_value)
+                learnt = bool((logits.argmax(-1) == labels)[counted].all())
+                if learnt and loss_value <= self.config.loss_floor:
+                    return step - 1, loss_value
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
         return self.config.max_steps, loss_value
