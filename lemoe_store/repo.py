@@ -22,6 +22,7 @@ from .editing import EditConfig, Editor, ExpertArtifact, Scores, attach, evaluat
 from .editing.adaptor import decoder_layers
 from .editing.batching import encode_prompt, model_device, routing_keys
 from .editing.routing import NO_EXPERT
+from .history import HistoryMixin
 from .schemas.facts import Fact, canonical_jsonl, find_duplicates_and_conflicts
 from .stores import Commit, Store, StoreError, TreeEntry
 from .stores import index as idx
@@ -51,6 +52,7 @@ class CommitPlan:
     duplicates: list[Fact] = field(default_factory=list)
     conflicts: list = field(default_factory=list)
     overwrites: list[str] = field(default_factory=list)  # prompts already edited in the history
+    settings: dict = field(default_factory=dict)  # the planner settings used (recorded in each commit)
 
 
 def artifact_to_blobs(artifact: ExpertArtifact) -> tuple[bytes, bytes]:
@@ -59,7 +61,7 @@ def artifact_to_blobs(artifact: ExpertArtifact) -> tuple[bytes, bytes]:
     return expert, anchors
 
 
-class Repo:
+class Repo(HistoryMixin):
     def __init__(self, store: Store, device: str = "auto") -> None:
         self.store = store
         self.device = device
@@ -169,9 +171,12 @@ class Repo:
         overwrites = [f.prompt for f in unique if f.prompt in known and known[f.prompt] != f.target]
         model, tokenizer = self.model_at(None)
         keys = routing_keys(model, tokenizer, [f.prompt for f in unique])
-        batches = plan(keys, batch_size or config.batch_size, order or config.plan,
-                       config.seed if seed is None else seed)
-        return CommitPlan([[unique[i] for i in b] for b in batches], duplicates, conflicts, overwrites)
+        settings = {"order": order or config.plan, "batch_size": batch_size or config.batch_size,
+                    "seed": config.seed if seed is None else seed}
+        batches = plan(keys, settings["batch_size"], settings["order"], settings["seed"])
+        settings["batches"] = len(batches)
+        settings["overwrites"] = len(overwrites)
+        return CommitPlan([[unique[i] for i in b] for b in batches], duplicates, conflicts, overwrites, settings)
 
     def commit(
         self,
@@ -183,51 +188,79 @@ class Repo:
         progress: Progress | None = None,
         on_wait: Callable[[str], None] | None = None,
     ) -> list[str]:
-        """Plan, train one frozen expert per batch and write one commit per batch; return the commit ids."""
-        config = self.config
-        seed = config.seed if seed is None else seed
-        config.seed = seed
+        """Plan, train one frozen expert per batch and write one commit per batch; return the commit ids.
+
+        Each batch's commit becomes HEAD as soon as it is written, so an interruption keeps every
+        finished batch and nothing half-done.
+        """
         with self.store.lock(on_wait=on_wait):
             planned = self.plan_commit(facts, batch_size, order, seed)
             head = self.store.head()[1]
-            model, tokenizer = self.base_model()
-            editor = Editor(model, tokenizer, config, self.experts_at(head))
-            self._attached = "editing"
-            tree = list(self.store.read_commit(head).tree) if head else []
-            created = []
-            for number, batch in enumerate(planned.batches, start=1):
-                def on_step(step: int, loss: float, number: int = number) -> None:
-                    if progress:
-                        progress({"batch": number, "batches": len(planned.batches), "step": step, "loss": loss})
 
-                artifact = editor.edit(batch, on_step=on_step)
-                scores = evaluate(model, tokenizer, batch)
-                entry = self._write_artifact(artifact, batch)
-                tree.append(entry)
-                subject = message or f"edit {len(batch)} fact(s)"
-                if len(planned.batches) > 1:
-                    subject = f"{subject} [{number}/{len(planned.batches)}]"
-                commit = Commit(
-                    kind="edit",
-                    parents=[head] if head else [],
-                    author=_author(),
-                    time=time.time(),
-                    message=subject,
-                    base_model={k: self.store.config["base_model"][k] for k in ("id", "fingerprint")},
-                    expert=entry,
-                    tree=list(tree),
-                    planner={"order": order or config.plan, "batch_size": batch_size or config.batch_size,
-                             "batch": number, "batches": len(planned.batches)},
-                    training=config.to_dict(),
-                    seed=seed,
-                    metrics={**scores.to_dict(), **artifact.stats},
-                )
-                head = self.store.add_commit(commit, expected_head=head)
-                created.append(head)
+            def advance(cid: str, parent: str | None, commit: Commit) -> None:
+                self.store.advance_head(cid, parent, f"commit: {commit.subject}")
+
+            return self.train_batches(planned.batches, head, message or "edit", "edit", planned.settings,
+                                      seed, progress, advance)
+
+    def train_batches(
+        self,
+        batches: list[list[Fact]],
+        parent: str | None,
+        message: str,
+        kind: str,
+        planner: dict,
+        seed: int | None,
+        progress: Progress | None,
+        on_commit: Callable[[str, str | None, Commit], None],
+    ) -> list[str]:
+        """Train one expert per batch on top of `parent`'s tree; write chained commits; return their ids."""
+        config = self.config
+        config.seed = config.seed if seed is None else seed
+        model, tokenizer = self.base_model()
+        editor = Editor(model, tokenizer, config, self.experts_at(parent))
+        self._attached = "editing"
+        tree = list(self.store.read_commit(parent).tree) if parent else []
+        created: list[str] = []
+        for number, batch in enumerate(batches, start=1):
+            def on_step(step: int, loss: float, number: int = number) -> None:
                 if progress:
-                    progress({"batch": number, "batches": len(planned.batches), "commit": head, **artifact.stats})
-            self._attached = head
+                    progress({"batch": number, "batches": len(batches), "step": step, "loss": loss})
+
+            artifact = editor.edit(batch, on_step=on_step)
+            scores = evaluate(model, tokenizer, batch)
+            entry = self._write_artifact(artifact, batch)
+            tree.append(entry)
+            subject = message if len(batches) == 1 else f"{message} [{number}/{len(batches)}]"
+            commit = self.new_commit(kind, parent, subject, tree, entry, {**planner, "batch": number},
+                                     config, {**scores.to_dict(), **artifact.stats})
+            cid = self.store.put_commit(commit)
+            on_commit(cid, parent, commit)
+            parent = cid
+            created.append(cid)
+            if progress:
+                progress({"batch": number, "batches": len(batches), "commit": cid, **artifact.stats})
+        self._attached = parent
         return created
+
+    def new_commit(self, kind: str, parent: str | None, message: str, tree: list[TreeEntry],
+                   entry: TreeEntry | None, planner: dict, config: EditConfig, metrics: dict,
+                   reverts: str | None = None) -> Commit:
+        return Commit(
+            kind=kind,
+            parents=[parent] if parent else [],
+            author=_author(),
+            time=time.time(),
+            message=message,
+            base_model={k: self.store.config["base_model"][k] for k in ("id", "fingerprint")},
+            expert=entry,
+            tree=list(tree),
+            planner=planner,
+            training=config.to_dict(),
+            seed=config.seed,
+            metrics=metrics,
+            reverts=reverts,
+        )
 
     def _write_artifact(self, artifact: ExpertArtifact, facts: list[Fact]) -> TreeEntry:
         expert_bytes, anchor_bytes = artifact_to_blobs(artifact)

@@ -241,6 +241,7 @@ def reindex(store: StoreOption = None, json_: JsonOption = False) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    for fn in (init, commit, log, show, status, checkout, ask, reindex):
+    for fn in (init, commit, log, show, status, checkout, ask):
         app.command(rich_help_panel="Store")(fn)
     app.command("eval", rich_help_panel="Store")(eval_)
+    app.command(rich_help_panel="Maintenance")(reindex)

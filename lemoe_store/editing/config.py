@@ -24,9 +24,9 @@ class EditConfig:
     threshold: float = 0.9
     scale: float = 1.0
     routing: str = "kv-anchor"
-    lr: float = 1e-2
+    lr: float = 3e-2
     max_steps: int = 40
-    loss_floor: float = 0.05
+    loss_floor: float = 0.1
     anchor_rephrases: bool = True
     seed: int = 0
     batch_size: int = 10

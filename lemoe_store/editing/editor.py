@@ -148,16 +148,21 @@ class Editor:
             return 0, loss_value
         adaptor_layer = decoder_layers(self.model)[self.adaptor.layer]
 
+        # The vocabulary projection dominates a step: apply it only where a target token is predicted.
+        lm_head = self.model.get_output_embeddings()
+        targets = labels[counted]
+
         def forward() -> torch.Tensor:
             cache = DynamicCache(ddp_cache_data=prefix, config=self.model.config)
             with self.adaptor.forced(route, start):
-                return self.model(
+                hidden = self.model.base_model(
                     input_ids=inputs,
                     attention_mask=attention,
                     position_ids=chunk_positions,
                     cache=cache,
                     use_cache=True,
-                ).logits
+                ).last_hidden_state
+            return lm_head(hidden[counted])
 
         recorded: list[torch.Tensor] = []
         with _recording_input(decoder_layers(self.model)[self.adaptor.layer], recorded):
@@ -166,11 +171,11 @@ class Editor:
             for step in range(1, self.config.max_steps + 1):
                 if step > 1:
                     logits = forward()
-                loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
+                loss = torch.nn.functional.cross_entropy(logits.float(), targets)
                 loss_value = loss.item()
                 if on_step:
                     on_step(step, loss_value)
-                learnt = bool((logits.argmax(-1) == labels)[counted].all())
+                learnt = bool((logits.argmax(-1) == targets).all())
                 if learnt and loss_value <= self.config.loss_floor:
                     return step - 1, loss_value
                 optimizer.zero_grad(set_to_none=True)

@@ -20,7 +20,7 @@ import sqlite_utils
 
 from ..schemas import first_error
 from . import index as idx
-from .errors import BadRevisionError, NotAStoreError, StoreError
+from .errors import BadRevisionError, NotAStoreError, RefConflictError, StoreError
 from .fsutil import TEMP_PREFIX, atomic_write
 from .lock import store_lock
 from .manifest import Commit
@@ -102,17 +102,28 @@ class Store:
         ref, cid = self.refs.head()
         return (ref[len(HEADS):] if ref else None), cid
 
-    def add_commit(self, commit: Commit, expected_head: str | None) -> str:
-        """Store `commit` and move HEAD's branch (or detached HEAD) to it, if HEAD is still `expected_head`."""
+    def put_commit(self, commit: Commit) -> str:
+        """Store a commit object (invisible until a ref points at it); return its id."""
         cid = self.objects.put(commit.to_bytes())
-        ref, _ = self.refs.head()
-        message = f"commit: {commit.subject}"
+        self._index_commit(cid, commit, sync_refs=False)
+        return cid
+
+    def advance_head(self, cid: str, expected: str | None, message: str) -> None:
+        """Move HEAD's branch (or a detached HEAD) to `cid`, only if it still points at `expected`."""
+        ref, current = self.refs.head()
         if ref:
-            self.refs.set_if_equals(ref, expected_head, cid, message)
-            self.refs._log("HEAD", expected_head, cid, message)
+            self.refs.set_if_equals(ref, expected, cid, message)
+            self.refs._log("HEAD", expected, cid, message)
         else:
+            if current != expected:
+                raise RefConflictError(f"HEAD moved (expected {expected}, found {current})")
             self.refs.set_head(cid, message)
-        self._index_commit(cid, commit)
+        idx.set_refs(self.db_raw(), self.all_refs())
+
+    def add_commit(self, commit: Commit, expected_head: str | None) -> str:
+        """Store `commit` and make it HEAD, if HEAD is still `expected_head`."""
+        cid = self.put_commit(commit)
+        self.advance_head(cid, expected_head, f"{commit.kind}: {commit.subject}")
         return cid
 
     def walk(self, start: str) -> Iterator[tuple[str, Commit]]:
@@ -175,9 +186,24 @@ class Store:
     def tags(self) -> dict[str, str]:
         return self.refs.list(TAGS)
 
+    def create_ref(self, prefix: str, name: str, cid: str, message: str) -> None:
+        check_ref_name(name, "branch" if prefix == HEADS else "tag")
+        if self.refs.read(f"{prefix}{name}") is not None:
+            raise StoreError(f"{'branch' if prefix == HEADS else 'tag'} {name!r} already exists")
+        self.refs.set_if_equals(f"{prefix}{name}", None, check_object_id(cid), message)
+        idx.set_refs(self.db_raw(), self.all_refs())
+
+    def delete_ref(self, prefix: str, name: str) -> str:
+        check_ref_name(name, "branch" if prefix == HEADS else "tag")
+        current = self.refs.commit_of(f"{prefix}{name}")
+        if current is None:
+            raise StoreError(f"{'branch' if prefix == HEADS else 'tag'} {name!r} not found")
+        self.refs.set_if_equals(f"{prefix}{name}", current, None, "deleted")
+        idx.set_refs(self.db_raw(), self.all_refs())
+        return current
+
     def create_branch(self, name: str, cid: str) -> None:
-        check_ref_name(name)
-        self.refs.set_if_equals(f"{HEADS}{name}", None, check_object_id(cid), f"branch: created from {cid[:12]}")
+        self.create_ref(HEADS, name, cid, f"branch: created from {cid[:12]}")
 
     def checkout(self, target: str, message: str) -> None:
         """Point HEAD at a branch name (attached) or at a commit id (detached)."""
@@ -192,12 +218,16 @@ class Store:
         refs.update({f"{TAGS}{k}": v for k, v in self.tags().items()})
         return refs
 
+    def db_raw(self) -> sqlite_utils.Database:
+        """The index as it is, without the freshness check (for writers that update it themselves)."""
+        if self._db is None:
+            self._db = idx.open_index(self.root / "index.db")
+        return self._db
+
     @property
     def db(self) -> sqlite_utils.Database:
         """The SQLite index, rebuilt first if it does not match the refs."""
-        if self._db is None:
-            self._db = idx.open_index(self.root / "index.db")
-        if idx.indexed_refs(self._db) != self.all_refs():
+        if idx.indexed_refs(self.db_raw()) != self.all_refs():
             self.reindex()
         return self._db
 
@@ -210,7 +240,6 @@ class Store:
             leftover.unlink()
         shutil.rmtree(self.root / "cache", ignore_errors=True)
         (self.root / "cache").mkdir()
-        self._db = idx.open_index(self.root / "index.db")
         order: list[str] = []
         seen: set[str] = set()
         for cid in sorted(set(self.all_refs().values())):
@@ -220,12 +249,11 @@ class Store:
         # Oldest first, so an expert is recorded against the commit that introduced it.
         for cid in sorted(order, key=lambda c: (self.read_commit(c).time, c)):
             self._index_commit(cid, self.read_commit(cid), sync_refs=False)
-        idx.set_refs(self._db, self.all_refs())
+        idx.set_refs(self.db_raw(), self.all_refs())
         return len(order)
 
     def _index_commit(self, cid: str, commit: Commit, sync_refs: bool = True) -> None:
-        if self._db is None:
-            self._db = idx.open_index(self.root / "index.db")
+        db = self.db_raw()
         facts: list[dict] = []
         expert = None
         if commit.expert is not None:
@@ -252,9 +280,9 @@ class Store:
             "expert": commit.expert.expert if commit.expert else None,
             "metrics": dict(commit.metrics),
         }
-        idx.add_commit(self._db, cid, record, facts, expert)
+        idx.add_commit(db, cid, record, facts, expert)
         if sync_refs:
-            idx.set_refs(self._db, self.all_refs())
+            idx.set_refs(db, self.all_refs())
 
     # -- typed blobs ---------------------------------------------------------------------------------
     def read_facts(self, oid: str) -> list[dict]:
