@@ -24,7 +24,7 @@ from .editing.batching import encode_prompt, model_device, routing_keys
 from .editing.routing import NO_EXPERT
 from .history import HistoryMixin
 from .schemas.facts import Fact, canonical_jsonl, find_duplicates_and_conflicts
-from .stores import Commit, Store, StoreError, TreeEntry
+from .stores import Commit, CorruptObjectError, Store, StoreError, TreeEntry
 from .stores import index as idx
 from .stores.tensors import pack, unpack
 
@@ -121,8 +121,12 @@ class Repo(HistoryMixin):
         return [self._artifact(entry) for entry in self.store.read_commit(cid).tree]
 
     def _artifact(self, entry: TreeEntry) -> ExpertArtifact:
-        weights, meta = unpack(self.store.objects.get(entry.expert), entry.expert)
-        anchors, anchor_meta = unpack(self.store.objects.get(entry.anchors), entry.anchors)
+        try:
+            weights, meta = unpack(self.store.objects.get(entry.expert), entry.expert)
+            anchors, anchor_meta = unpack(self.store.objects.get(entry.anchors), entry.anchors)
+        except CorruptObjectError as exc:
+            users = self.store.commits_using({entry.expert, entry.anchors})
+            raise CorruptObjectError(f"{exc}; used by commit(s) {', '.join(c[:12] for c in users)}") from None
         return ExpertArtifact(weights, anchors["keys"], list(anchor_meta["facts"]), meta.get("stats", {}))
 
     def model_at(self, rev: str | None = None):

@@ -15,6 +15,8 @@ from pathlib import Path
 from . import first_error
 
 FORMATS = ("auto", "native", "zsre", "counterfact")
+MAX_LINE_BYTES = 1 << 20  # one JSONL record; a longer line is refused without being read whole
+MAX_ARRAY_BYTES = 256 << 20  # JSON arrays are parsed whole: beyond this, ask for JSONL
 
 
 class FactsError(ValueError):
@@ -134,8 +136,18 @@ def _native(record: object, source: str, line: int, fmt: str = "auto") -> Fact:
     return Fact.from_record(native)
 
 
+def _bounded_lines(handle) -> Iterator[bytes]:
+    while True:
+        line = handle.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        yield line
+
+
 def _jsonl_records(lines: Iterator[bytes], source: str) -> Iterator[tuple[int, object]]:
     for number, raw in enumerate(lines, start=1):
+        if len(raw) > MAX_LINE_BYTES:
+            raise FactsError(f"{source}:{number}: (record): line longer than {MAX_LINE_BYTES:,} bytes")
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -146,6 +158,8 @@ def _jsonl_records(lines: Iterator[bytes], source: str) -> Iterator[tuple[int, o
             yield number, json.loads(text)
         except json.JSONDecodeError as exc:
             raise FactsError(f"{source}:{number}: (record): invalid JSON: {exc.msg} (column {exc.colno})") from None
+        except RecursionError:
+            raise FactsError(f"{source}:{number}: (record): JSON nested too deeply") from None
 
 
 def load_facts(path: str | Path, fmt: str = "auto", skipped: list[str] | None = None) -> list[Fact]:
@@ -166,10 +180,12 @@ def load_facts(path: str | Path, fmt: str = "auto", skipped: list[str] | None = 
         head = handle.read(64).lstrip()
         handle.seek(0)
         if head.startswith(b"["):
+            if path.stat().st_size > MAX_ARRAY_BYTES:
+                raise FactsError(f"{source}: a JSON array over {MAX_ARRAY_BYTES >> 20} MB; use JSONL (one record a line)")
             numbered = _json_array_records(handle.read(), source)
             source = f"{source}:record"  # JSON arrays are addressed by record number, not line
         else:
-            numbered = _jsonl_records(iter(handle), source)
+            numbered = _jsonl_records(_bounded_lines(handle), source)
         facts = []
         for number, record in numbered:
             try:
@@ -191,6 +207,8 @@ def _json_array_records(data: bytes, source: str) -> Iterator[tuple[int, object]
         raise FactsError(f"{source}:{line}: (record): invalid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise FactsError(f"{source}:{exc.lineno}: (record): invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except RecursionError:
+        raise FactsError(f"{source}:1: (record): JSON nested too deeply") from None
     if not isinstance(records, list):
         raise FactsError(f"{source}:1: (record): expected a JSON array of records")
     return enumerate(records, start=1)

@@ -70,6 +70,13 @@ def add_commit(db: sqlite_utils.Database, cid: str, record: dict, facts: list[di
             db["experts"].insert({"commit_id": cid, **expert}, ignore=True)  # keep the introducing commit
 
 
+def clear(db: sqlite_utils.Database) -> None:
+    """Empty every table (one transaction: readers see the old index or the empty one)."""
+    with db.conn:
+        for table in ("commits", "facts", "experts", "metrics", "refs"):
+            db[table].delete_where()
+
+
 def set_refs(db: sqlite_utils.Database, refs: dict[str, str]) -> None:
     with db.conn:
         db["refs"].delete_where()

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -173,6 +174,15 @@ class Store:
                 raise BadRevisionError(f"short id {base!r} is ambiguous ({len(matches)} commits)")
         raise BadRevisionError(f"unknown revision {base!r}")
 
+    def commits_using(self, oids: set[str]) -> list[str]:
+        """Commits reachable from any ref whose tree holds one of `oids` (oldest first)."""
+        users: dict[str, float] = {}
+        for start in set(self.all_refs().values()):
+            for cid, commit in self.walk(start):
+                if any({e.expert, e.anchors, e.facts} & oids for e in commit.tree):
+                    users[cid] = commit.time
+        return sorted(users, key=users.get)
+
     def _is_commit(self, oid: str) -> bool:
         try:
             self.read_commit(oid)
@@ -219,38 +229,47 @@ class Store:
         return refs
 
     def db_raw(self) -> sqlite_utils.Database:
-        """The index as it is, without the freshness check (for writers that update it themselves)."""
+        """The index as it is, without the freshness check (for writers that update it themselves).
+
+        A damaged index.db is derived data: it is dropped and recreated empty (the refs check refills it).
+        """
         if self._db is None:
-            self._db = idx.open_index(self.root / "index.db")
+            try:
+                self._db = idx.open_index(self.root / "index.db")
+            except sqlite3.DatabaseError:
+                for damaged in self.root.glob("index.db*"):
+                    damaged.unlink()
+                self._db = idx.open_index(self.root / "index.db")
         return self._db
 
     @property
     def db(self) -> sqlite_utils.Database:
-        """The SQLite index, rebuilt first if it does not match the refs."""
+        """The SQLite index, first brought up to date with the refs (commits a writer just added)."""
         if idx.indexed_refs(self.db_raw()) != self.all_refs():
-            self.reindex()
+            self.sync_index()
         return self._db
 
+    def sync_index(self) -> int:
+        """Index every commit reachable from a ref that the index lacks; return how many were added."""
+        db = self.db_raw()
+        missing: list[str] = []
+        for cid in sorted(set(self.all_refs().values())):
+            for commit_id, _ in self.walk(cid):
+                if commit_id in missing or db["commits"].count_where("id = ?", [commit_id]):
+                    break
+                missing.append(commit_id)
+        # Oldest first, so an expert is recorded against the commit that introduced it.
+        for commit_id in sorted(missing, key=lambda c: (self.read_commit(c).time, c)):
+            self._index_commit(commit_id, self.read_commit(commit_id), sync_refs=False)
+        idx.set_refs(db, self.all_refs())
+        return len(missing)
+
     def reindex(self) -> int:
-        """Rebuild index.db and drop cache/ from objects + refs; return the number of commits indexed."""
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-        for leftover in self.root.glob("index.db*"):
-            leftover.unlink()
+        """Rebuild index.db (recreated if damaged) and empty cache/; return the number of commits indexed."""
+        idx.clear(self.db_raw())
         shutil.rmtree(self.root / "cache", ignore_errors=True)
         (self.root / "cache").mkdir()
-        order: list[str] = []
-        seen: set[str] = set()
-        for cid in sorted(set(self.all_refs().values())):
-            chain = [c for c, _ in self.walk(cid) if c not in seen]
-            seen.update(chain)
-            order.extend(reversed(chain))
-        # Oldest first, so an expert is recorded against the commit that introduced it.
-        for cid in sorted(order, key=lambda c: (self.read_commit(c).time, c)):
-            self._index_commit(cid, self.read_commit(cid), sync_refs=False)
-        idx.set_refs(self.db_raw(), self.all_refs())
-        return len(order)
+        return self.sync_index()
 
     def _index_commit(self, cid: str, commit: Commit, sync_refs: bool = True) -> None:
         db = self.db_raw()

@@ -1,0 +1,5 @@
+"""`python -m lemoe_store` runs the CLI."""
+
+from .cli import main
+
+main()
