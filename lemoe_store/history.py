@@ -167,9 +167,7 @@ class HistoryMixin:
             subject = message or f'Revert "{commit.subject}"'
             new = self.new_commit("revert", head, f"{subject}\n\nThis reverts commit {target}.", tree, None,
                                   {}, self.config, {"facts": 0}, reverts=target)
-            cid = self.store.add_commit(new, head)
-            self._attached = "stale"
-            return cid
+            return self.store.add_commit(new, head)
 
     def _reverted_entry(self, revert_commit) -> TreeEntry:
         original = self.store.read_commit(revert_commit.reverts)

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import getpass
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,9 +25,11 @@ from .history import HistoryMixin
 from .schemas.facts import Fact, canonical_jsonl, find_duplicates_and_conflicts
 from .stores import Commit, CorruptObjectError, Store, StoreError, TreeEntry
 from .stores import index as idx
+from .stores.refs import current_user
 from .stores.tensors import pack, unpack
 
 Progress = Callable[[dict], None]
+ATTACHED_UNKNOWN = "<unknown>"  # the loaded model's experts match no known version: re-attach on next use
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Repo(HistoryMixin):
         self.device = device
         self._model = None
         self._tokenizer = None
-        self._attached: str | None = "unattached"
+        self._attached: str | None = ATTACHED_UNKNOWN  # the version whose experts are attached
 
     # -- opening ---------------------------------------------------------------------------------------
     @classmethod
@@ -179,7 +180,6 @@ class Repo(HistoryMixin):
                     "seed": config.seed if seed is None else seed}
         batches = plan(keys, settings["batch_size"], settings["order"], settings["seed"])
         settings["batches"] = len(batches)
-        settings["overwrites"] = len(overwrites)
         return CommitPlan([[unique[i] for i in b] for b in batches], duplicates, conflicts, overwrites, settings)
 
     def commit(
@@ -191,6 +191,7 @@ class Repo(HistoryMixin):
         seed: int | None = None,
         progress: Progress | None = None,
         on_wait: Callable[[str], None] | None = None,
+        on_plan: Callable[[CommitPlan], None] | None = None,
     ) -> list[str]:
         """Plan, train one frozen expert per batch and write one commit per batch; return the commit ids.
 
@@ -199,6 +200,8 @@ class Repo(HistoryMixin):
         """
         with self.store.lock(on_wait=on_wait):
             planned = self.plan_commit(facts, batch_size, order, seed)
+            if on_plan:
+                on_plan(planned)
             head = self.store.head()[1]
 
             def advance(cid: str, parent: str | None, commit: Commit) -> None:
@@ -223,8 +226,9 @@ class Repo(HistoryMixin):
         config.seed = config.seed if seed is None else seed
         model, tokenizer = self.base_model()
         editor = Editor(model, tokenizer, config, self.experts_at(parent))
-        self._attached = "editing"
+        self._attached = ATTACHED_UNKNOWN
         tree = list(self.store.read_commit(parent).tree) if parent else []
+        known = {f.prompt: f.target for f in self.facts_at(parent)} if parent else {}
         created: list[str] = []
         for number, batch in enumerate(batches, start=1):
             def on_step(step: int, loss: float, number: int = number) -> None:
@@ -236,7 +240,10 @@ class Repo(HistoryMixin):
             entry = self._write_artifact(artifact, batch)
             tree.append(entry)
             subject = message if len(batches) == 1 else f"{message} [{number}/{len(batches)}]"
-            commit = self.new_commit(kind, parent, subject, tree, entry, {**planner, "batch": number},
+            overwrites = sum(1 for f in batch if known.get(f.prompt, f.target) != f.target)
+            known.update({f.prompt: f.target for f in batch})
+            commit = self.new_commit(kind, parent, subject, tree, entry,
+                                     {**planner, "batch": number, "overwrites": overwrites},
                                      config, {**scores.to_dict(), **artifact.stats})
             cid = self.store.put_commit(commit)
             on_commit(cid, parent, commit)
@@ -253,7 +260,7 @@ class Repo(HistoryMixin):
         return Commit(
             kind=kind,
             parents=[parent] if parent else [],
-            author=_author(),
+            author=current_user(),
             time=time.time(),
             message=message,
             base_model={k: self.store.config["base_model"][k] for k in ("id", "fingerprint")},
@@ -364,9 +371,3 @@ class Repo(HistoryMixin):
             data["anchors_bytes"] = self.store.objects.size(commit.expert.anchors)
         return data
 
-
-def _author() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "unknown"

@@ -51,7 +51,7 @@ def quickstart(
     console.rule("4. ask the edited model")
     newest = repo.show("HEAD")["facts"][0]
     _ask(repo, newest["prompt"], "at HEAD:")
-    _ask(repo, "The capital of Germany is", "unrelated prompt:")
+    _ask(repo, "The largest planet in the solar system is", "unrelated prompt:")
 
     console.rule("5. checkout the previous version")
     repo.checkout("HEAD~1")

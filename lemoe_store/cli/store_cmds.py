@@ -86,7 +86,7 @@ def commit(
                                              f"step {event['step']} loss {event['loss']:.3f}")
 
         created = repo.commit(loaded, message, batch_size, plan, seed, progress=progress,
-                              on_wait=lambda msg: err_console.print(msg))
+                              on_wait=lambda msg: err_console.print(msg), on_plan=_report_input)
     rows = [(cid, repo.store.read_commit(cid)) for cid in created]
     if json_:
         print_json([{"id": cid, "message": c.message, "metrics": c.metrics} for cid, c in rows])
@@ -128,6 +128,8 @@ def log(
         console.print(f"[yellow]commit {cid}[/] ({c.kind})")
         console.print(f"Author: {c.author}\nDate:   {_when(c.time)}", highlight=False)
         console.print(f"Experts: {len(c.tree)} active, facts in this commit: {facts}; {_scores_row(c.metrics)}")
+        if c.planner.get("overwrites"):
+            console.print(f"Overwrites: {c.planner['overwrites']} earlier fact(s) get a new target")
         console.print(f"\n    {c.message}\n", highlight=False)
 
 

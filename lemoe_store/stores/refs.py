@@ -36,7 +36,8 @@ def check_ref_name(name: str, kind: str = "branch") -> str:
     return name
 
 
-def _who() -> str:
+def current_user() -> str:
+    """Who is writing: recorded in reflogs and as a commit's author."""
     try:
         return getpass.getuser()
     except (KeyError, OSError):
@@ -127,7 +128,7 @@ class RefStore:
     def _log(self, ref: str, old: str | None, new: str | None, message: str) -> None:
         zero = "0" * 64
         message = " ".join(message.split())  # one line: a newline can't forge a second entry
-        line = f"{old or zero} {new or zero} {_who()} {time.time():.3f}\t{message}\n"
+        line = f"{old or zero} {new or zero} {current_user()} {time.time():.3f}\t{message}\n"
         path = self.root / "logs" / ref
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8") as handle:

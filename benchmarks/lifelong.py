@@ -1,0 +1,98 @@
+"""Lifelong editing with the LEMoE engine: edit the first T facts batch by batch, then score all T.
+
+    python benchmarks/lifelong.py --data ../shared/data/zsre_mend_eval.json --T 100 1000 --batch-size 10
+
+Rel/Gen/Loc follow EasyEdit (see ../shared/data/README.md); rephrases are used for Gen only, never as
+anchors. Also reports seconds per edited fact (planning + training, amortised), stored bytes per fact
+(expert + anchor safetensors), and the routed forward's time against the base model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lemoe_store.editing import EditConfig, Editor, detach, evaluate, find_adaptor, plan
+from lemoe_store.editing.batching import encode_prompt
+from lemoe_store.models import load_model
+from lemoe_store.repo import artifact_to_blobs
+from lemoe_store.schemas.facts import load_facts
+
+
+def forward_seconds(model, tokenizer, prompts: list[str], repeats: int = 3) -> float:
+    """Best-of-`repeats` time of one forward per prompt (batch 1, as `ask` runs)."""
+    inputs = [torch.tensor([encode_prompt(tokenizer, p)]) for p in prompts]
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            began = time.perf_counter()
+            for ids in inputs:
+                model(input_ids=ids)
+            best = min(best, time.perf_counter() - began)
+    return best
+
+
+def run(model, tokenizer, facts, config: EditConfig) -> dict:
+    detach(model)
+    editor = Editor(model, tokenizer, config)
+    began = time.perf_counter()
+    batches = plan(editor.keys([f.prompt for f in facts]), config.batch_size, config.plan, config.seed)
+    stored = 0
+    for batch in batches:
+        artifact = editor.edit([facts[i] for i in batch])
+        stored += sum(len(blob) for blob in artifact_to_blobs(artifact))
+    seconds = time.perf_counter() - began
+    scores = evaluate(model, tokenizer, facts)
+    probe = [f.locality[0].prompt for f in facts[:50] if f.locality] + [f.prompt for f in facts[:50]]
+    routed = forward_seconds(model, tokenizer, probe)
+    with find_adaptor(model).bypassed():
+        base = forward_seconds(model, tokenizer, probe)
+    return {
+        "T": len(facts),
+        **scores.to_dict(),
+        "mean": round(scores.mean, 4),
+        "batches": len(batches),
+        "s_per_fact": round(seconds / len(facts), 3),
+        "bytes_per_fact": round(stored / len(facts)),
+        "routed_over_base_forward": round(routed / base, 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/zsre_mend_eval.json")
+    parser.add_argument("--T", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--batch-size", type=int, default=10)
+    parser.add_argument("--plan", default="cluster")
+    parser.add_argument("--layer", type=int, default=18)
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lifelong.json"))
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model)
+    skipped: list[str] = []
+    facts = load_facts(args.data, skipped=skipped)
+    config = EditConfig(layer=args.layer, threshold=args.threshold, batch_size=args.batch_size, plan=args.plan,
+                        anchor_rephrases=False)
+    rows = []
+    print(f"{args.data}: {len(facts)} facts ({len(skipped)} invalid records skipped); {config}")
+    print("| T | Rel | Gen | Loc | mean | routed: rephrase | routed: loc→none | s/fact | bytes/fact | routed/base fwd |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for t in args.T:
+        row = run(model, tokenizer, facts[:t], config)
+        rows.append(row)
+        print(f"| {t} | {row['rel']:.3f} | {row['gen']:.3f} | {row['loc']:.3f} | {row['mean']:.3f} | "
+              f"{row['routing_rephrase']:.3f} | {row['routing_locality']:.3f} | {row['s_per_fact']:.3f} | "
+              f"{row['bytes_per_fact']:,} | {row['routed_over_base_forward']:.2f} |", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"config": config.to_dict(), "data": args.data, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
