@@ -40,7 +40,8 @@ def run(model, tokenizer, facts, config: EditConfig) -> dict:
     detach(model)
     editor = Editor(model, tokenizer, config)
     began = time.perf_counter()
-    batches = plan(editor.keys([f.prompt for f in facts]), config.batch_size, config.plan, config.seed)
+    keys = editor.keys([f.prompt for f in facts])
+    batches = plan(keys, config.batch_size, config.plan, config.seed, groups=[f.subject or None for f in facts])
     stored = 0
     for batch in batches:
         artifact = editor.edit([facts[i] for i in batch])

@@ -203,7 +203,8 @@ class HistoryMixin:
             seed = config.seed if seed is None else seed
             model, tokenizer = self.model_at(base)
             keys = routing_keys(model, tokenizer, [f.prompt for f in facts])
-            batches = [[facts[i] for i in b] for b in plan_batches(keys, size, order, seed)]
+            groups = [f.subject or None for f in facts]
+            batches = [[facts[i] for i in b] for b in plan_batches(keys, size, order, seed, groups)]
             began = time.perf_counter()
             settings = {"order": order, "batch_size": size, "seed": seed, "batches": len(batches)}
             created = self.train_batches(batches, base, f"replay ({order})", "replay", settings, seed, progress,

@@ -178,7 +178,8 @@ class Repo(HistoryMixin):
         keys = routing_keys(model, tokenizer, [f.prompt for f in unique])
         settings = {"order": order or config.plan, "batch_size": batch_size or config.batch_size,
                     "seed": config.seed if seed is None else seed}
-        batches = plan(keys, settings["batch_size"], settings["order"], settings["seed"])
+        batches = plan(keys, settings["batch_size"], settings["order"], settings["seed"],
+                       groups=[f.subject or None for f in unique])
         settings["batches"] = len(batches)
         return CommitPlan([[unique[i] for i in b] for b in batches], duplicates, conflicts, overwrites, settings)
 

@@ -140,6 +140,20 @@ def test_plan_is_a_deterministic_permutation_in_batches(order):
         assert flat == list(range(22, -1, -1))
 
 
+def test_cluster_plan_keeps_labelled_groups_together():
+    keys = torch.randn(30, 16, generator=torch.Generator().manual_seed(2))
+    groups = [None] * 30
+    for member in (3, 17, 25, 29):
+        groups[member] = "same subject"
+    for member in (0, 1):
+        groups[member] = "other subject"
+    batches = plan(keys, 5, "cluster", seed=0, groups=groups)
+    assert sorted(i for b in batches for i in b) == list(range(30))
+    assert all(len(b) == 5 for b in batches)
+    assert any({3, 17, 25, 29} <= set(b) for b in batches)
+    assert any({0, 1} <= set(b) for b in batches)
+
+
 def test_cluster_plan_groups_similar_facts():
     generator = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 32, generator=generator) * 5
