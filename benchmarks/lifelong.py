@@ -80,7 +80,7 @@ def main() -> None:
     skipped: list[str] = []
     facts = load_facts(args.data, skipped=skipped)
     config = EditConfig(layer=args.layer, threshold=args.threshold, batch_size=args.batch_size, plan=args.plan,
-                        anchor_rephrases=False)
+                        anchor_rephrases=False, locality_regulariser=False)
     rows = []
     print(f"{args.data}: {len(facts)} facts ({len(skipped)} invalid records skipped); {config}")
     print("| T | Rel | Gen | Loc | mean | routed: rephrase | routed: loc→none | s/fact | bytes/fact | routed/base fwd |")

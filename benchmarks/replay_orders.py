@@ -28,8 +28,9 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="lemoe-replay-"))
     facts = load_facts(args.data, skipped=[])[: args.n]
-    # Rephrases are for measuring Gen only: they must not become routing anchors here.
-    repo = Repo.init(root, batch_size=args.batch_size, plan="original", anchor_rephrases=False)
+    # Rephrases and locality prompts are held-out evaluation data here: never trained on, never anchors.
+    repo = Repo.init(root, batch_size=args.batch_size, plan="original", anchor_rephrases=False,
+                     locality_regulariser=False)
     repo.commit(facts, message=f"first {args.n} facts, original order")
     print(f"store {root}: {args.n} facts committed in original order")
     print("| ordering | #batches | Rel | Gen | Loc | mean | train s |")

@@ -39,7 +39,7 @@ def main() -> None:
     root = args.dir or Path(tempfile.mkdtemp(prefix="lemoe-checkout-"))
     facts = load_facts(args.data, skipped=[])[: args.commits * args.batch_size]
     repo = Repo.init(root, batch_size=args.batch_size, plan="original", max_steps=args.max_steps,
-                     anchor_rephrases=False)
+                     anchor_rephrases=False, locality_regulariser=False)
     began = time.perf_counter()
     created = repo.commit(facts, message="checkout benchmark")
     print(f"built {len(created)} commits of {args.batch_size} facts in {time.perf_counter() - began:.0f} s at {root}")

@@ -10,6 +10,7 @@ from lemoe_store.editing import EditConfig, Editor, attach, detach, evaluate, fi
 from lemoe_store.editing.batching import encode_pair, encode_prompt, teacher_forced_predictions
 from lemoe_store.editing.routing import NO_EXPERT
 from lemoe_store.models import load_model
+from lemoe_store.schemas.facts import Fact, Locality
 
 CONFIG = dict(layer=2, rank=16, threshold=0.9, lr=2e-2, max_steps=80, anchor_rephrases=False)
 
@@ -51,11 +52,26 @@ def test_edit_makes_targets_argmax_and_leaves_unrelated_prompts_exact(llama):
     artifact = editor.edit(facts)
 
     assert teacher_forced_predictions(model, tokenizer, pairs) == [p.answer for p in pairs]
-    assert artifact.stats["facts_routed_to_expert"] == len(facts)
+    assert artifact.stats["edit_prompts_routed_to_expert"] == len(facts)
     after_unrelated = _logits(model, tokenizer, unrelated)
     assert editor.adaptor.last_routes[0].expert == NO_EXPERT
     assert torch.equal(after_unrelated, base_unrelated)
     assert evaluate(model, tokenizer, facts).rel == 1.0
+
+
+def test_rephrases_are_learnt_and_routed_neighbours_keep_base_answers(llama):
+    model, tokenizer = llama
+    neighbour = "The capital of Zentra is"
+    facts = [Fact(prompt="The capital of Acme is", target="Rome", rephrases=("Acme's capital is",),
+                  locality=(Locality(neighbour, "Madrid"),))]
+    # A low threshold makes the neighbour route to the new expert, as near-duplicate prompts do.
+    editor = Editor(model, tokenizer, EditConfig(**{**CONFIG, "anchor_rephrases": True, "threshold": 0.3}))
+    artifact = editor.edit(facts)
+    assert artifact.stats["prompts_trained"] == 3
+    assert artifact.stats["locality_prompts_guarded"] == 1  # the neighbour routes to the new expert...
+    assert len(artifact.anchor_facts) == 2  # ...but is not an anchor
+    scores = evaluate(model, tokenizer, facts)
+    assert (scores.rel, scores.gen, scores.loc) == (1.0, 1.0, 1.0)  # ...and keeps its base predictions
 
 
 def test_earlier_experts_are_frozen_bit_for_bit(llama):

@@ -16,7 +16,10 @@ class EditConfig:
     rank: hidden width of each expert (hidden -> rank -> hidden).
     threshold: cosine similarity a query key needs with its nearest anchor to be routed (tau).
     scale: lambda, the weight of the routed expert's output.
-    anchor_rephrases: also store the keys of a fact's rephrases as anchors of its expert.
+    anchor_rephrases: train a fact's rephrases too and store their keys as anchors of its expert.
+    locality_regulariser: a fact's locality prompts that route to its expert are trained to keep the
+        base model's predictions. (Benchmarks turn both off: there rephrases and locality prompts are
+        held-out evaluation data.)
     """
 
     layer: int | None = None
@@ -28,6 +31,7 @@ class EditConfig:
     max_steps: int = 40
     loss_floor: float = 0.1
     anchor_rephrases: bool = True
+    locality_regulariser: bool = True
     seed: int = 0
     batch_size: int = 10
     plan: str = "cluster"

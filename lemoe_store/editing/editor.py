@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -19,11 +20,22 @@ from transformers import DynamicCache
 
 from ..schemas.facts import Fact
 from .adaptor import ExpertArtifact, LemoeAdaptor, attach, decoder_layers
-from .batching import encode_pair, left_pad, model_device, positions, routing_keys
+from .batching import Pair, encode_pair, left_pad, model_device, positions, routing_keys, teacher_forced_predictions
 from .config import EditConfig
 from .routing import NO_EXPERT
 
 StepCallback = Callable[[int, float], None]
+
+
+@dataclass
+class _Row:
+    """One training prompt: the fact it belongs to, its tokens, whether its key becomes an anchor, and
+    the labels (None: the answer itself; locality rows: the base model's predictions)."""
+
+    fact_id: str
+    pair: Pair
+    anchor: bool
+    labels: list[int] | None = None
 
 
 class _Replay(nn.Module):
@@ -76,14 +88,23 @@ class Editor:
         return routing_keys(self.model, self.tokenizer, prompts)
 
     def edit(self, facts: list[Fact], on_step: StepCallback | None = None) -> ExpertArtifact:
-        """Train a new expert on `facts`, freeze it, keep it attached, and return it."""
+        """Train a new expert on `facts`, freeze it, keep it attached, and return it.
+
+        Trained prompts: each fact's prompt, plus (with `anchor_rephrases`) its rephrases, which also become
+        anchors; with `locality_regulariser`, a fact's locality prompts that would route to the new expert
+        are trained to keep the base model's predictions.
+        """
         if not facts:
             raise ValueError("an edit batch needs at least one fact")
         began = time.perf_counter()
         expert_index = len(self.adaptor.experts)
         torch.manual_seed(self.config.seed * 100_003 + expert_index)
-        pairs = [encode_pair(self.tokenizer, f.prompt, f.target) for f in facts]
-        prompt_ids, prompt_mask = left_pad([p.prompt for p in pairs], self.tokenizer.pad_token_id, self.device)
+        rows = [_Row(f.id, encode_pair(self.tokenizer, f.prompt, f.target), True) for f in facts]
+        if self.config.anchor_rephrases:
+            rows += [_Row(f.id, encode_pair(self.tokenizer, r, f.target), True) for f in facts for r in f.rephrases]
+        if self.config.locality_regulariser:
+            rows += self._locality_rows(facts)
+        prompt_ids, prompt_mask = left_pad([r.pair.prompt for r in rows], self.tokenizer.pad_token_id, self.device)
         with torch.no_grad():
             out = self.model(
                 input_ids=prompt_ids,
@@ -91,26 +112,22 @@ class Editor:
                 position_ids=positions(prompt_mask),
                 use_cache=True,
             )
-        prompt_keys = self.adaptor.last_keys.cpu()
+        keys = self.adaptor.last_keys.cpu()
         # The last prompt token is re-run in every step (the expert acts on it): cache only what precedes it.
         prefix = [(k[..., :-1, :].detach(), v[..., :-1, :].detach()) for k, v, *_ in out.cache]
 
-        anchors, anchor_facts = [prompt_keys], [f.id for f in facts]
-        if self.config.anchor_rephrases:
-            rephrases = [(f.id, r) for f in facts for r in f.rephrases]
-            if rephrases:
-                anchors.append(self.keys([r for _, r in rephrases]))
-                anchor_facts += [fid for fid, _ in rephrases]
-        anchors_tensor = torch.cat(anchors)
-
+        is_anchor = torch.tensor([r.anchor for r in rows])
+        anchors = keys[is_anchor]
+        anchor_facts = [r.fact_id for r in rows if r.anchor]
         self.adaptor.add_expert(rank=self.config.rank)
-        self.adaptor.add_anchors(anchors_tensor, expert_index, anchor_facts)
-        routes = self.adaptor.anchors.route(prompt_keys.to(self.device))
+        self.adaptor.add_anchors(anchors, expert_index, anchor_facts)
+        # Train exactly the prompts that inference will route to this expert.
+        routes = self.adaptor.anchors.route(keys.to(self.device))
         trained = torch.tensor([r.expert == expert_index for r in routes], device=self.device)
         expert = self.adaptor.experts[expert_index]
         expert.requires_grad_(True)
         try:
-            steps, loss = self._train(expert, pairs, prompt_mask, prefix, trained, expert_index, on_step)
+            steps, loss = self._train(expert, rows, prompt_mask, prefix, trained, expert_index, on_step)
         finally:
             expert.requires_grad_(False)
         weights = {k: v.detach().to("cpu", torch.float32).clone() for k, v in expert.state_dict().items()}
@@ -119,28 +136,39 @@ class Editor:
             "loss": round(loss, 6),
             "seconds": round(time.perf_counter() - began, 3),
             "facts": len(facts),
-            "facts_routed_to_expert": int(trained.sum()),
+            "prompts_trained": int(trained.sum()),
+            "edit_prompts_routed_to_expert": int(trained[: len(facts)].sum()),
+            "locality_prompts_guarded": int(trained[~is_anchor.to(self.device)].sum()),
         }
-        return ExpertArtifact(weights, anchors_tensor.float(), anchor_facts, stats)
+        return ExpertArtifact(weights, anchors.float(), anchor_facts, stats)
 
-    def _train(self, expert, pairs, prompt_mask, prefix, trained, expert_index, on_step) -> tuple[int, float]:
+    def _locality_rows(self, facts: list[Fact]) -> list[_Row]:
+        """Locality prompts with the base model's own teacher-forced predictions as their labels."""
+        pairs = [(f.id, encode_pair(self.tokenizer, loc.prompt, loc.answer)) for f in facts for loc in f.locality]
+        if not pairs:
+            return []
+        with self.adaptor.bypassed():
+            base = teacher_forced_predictions(self.model, self.tokenizer, [p for _, p in pairs])
+        return [_Row(fid, pair, False, labels) for (fid, pair), labels in zip(pairs, base)]
+
+    def _train(self, expert, rows, prompt_mask, prefix, trained, expert_index, on_step) -> tuple[int, float]:
         device, pad = self.device, self.tokenizer.pad_token_id
-        width = max(len(p.answer) for p in pairs)
-        inputs = torch.full((len(pairs), width), pad, dtype=torch.long)
-        labels = torch.full((len(pairs), width), -100, dtype=torch.long)
-        for row, pair in enumerate(pairs):
-            chunk = [pair.prompt[-1]] + pair.answer[:-1]
-            inputs[row, : len(chunk)] = torch.tensor(chunk)
-            labels[row, : len(pair.answer)] = torch.tensor(pair.answer)
-        labels[~trained.cpu()] = -100  # facts routed elsewhere (an identical newer anchor) cannot be learnt here
-        inputs, labels = inputs.to(device), labels.to(device)
-        chunk_mask = (labels != -100).long() | (inputs != pad).long()
-        chunk_mask[:, 0] = 1
+        width = max(len(r.pair.answer) for r in rows)
+        inputs = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        chunk_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            chunk = [row.pair.prompt[-1]] + row.pair.answer[:-1]
+            inputs[index, : len(chunk)] = torch.tensor(chunk)
+            labels[index, : len(row.pair.answer)] = torch.tensor(row.labels or row.pair.answer)
+            chunk_mask[index, : len(chunk)] = 1
+        labels[~trained.cpu()] = -100  # prompts routed elsewhere cannot be changed by this expert
+        inputs, labels, chunk_mask = inputs.to(device), labels.to(device), chunk_mask.to(device)
         attention = torch.cat([prompt_mask[:, :-1], chunk_mask], dim=1)
         prompt_lengths = prompt_mask.sum(dim=1)
         chunk_positions = prompt_lengths[:, None] - 1 + torch.arange(width, device=device)[None, :]
         route = torch.where(trained, expert_index, NO_EXPERT)
-        start = torch.zeros(len(pairs), dtype=torch.long, device=device)
+        start = torch.zeros(len(rows), dtype=torch.long, device=device)
         optimizer = torch.optim.Adam(expert.parameters(), lr=self.config.lr)
         counted = labels != -100
         loss_value = float("nan")
