@@ -213,8 +213,9 @@ class HistoryMixin:
             self.store.create_branch(branch, created[-1])
         source_scores = self.evaluate(facts, head)
         replay_scores = self.evaluate(facts, created[-1])
-        source_seconds = sum(c.metrics.get("seconds", 0.0) for _, c in self.log(head) if c.kind != "revert")
-        source_batches = sum(1 for _, c in self.log(head) if c.expert is not None)
+        source = [commit for _, commit in self.log(head)]
+        source_seconds = sum(c.metrics.get("seconds", 0.0) for c in source if c.kind != "revert")
+        source_batches = sum(1 for c in source if c.expert is not None)
         rows = [
             ReplayRow("source", "as committed", source_batches, source_scores.rel, source_scores.gen,
                       source_scores.loc, round(source_seconds, 2)),

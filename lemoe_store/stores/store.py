@@ -106,7 +106,7 @@ class Store:
     def put_commit(self, commit: Commit) -> str:
         """Store a commit object (invisible until a ref points at it); return its id."""
         cid = self.objects.put(commit.to_bytes())
-        self._index_commit(cid, commit, sync_refs=False)
+        self._index_commit(cid, commit)
         return cid
 
     def advance_head(self, cid: str, expected: str | None, message: str) -> None:
@@ -260,7 +260,7 @@ class Store:
                 missing.append(commit_id)
         # Oldest first, so an expert is recorded against the commit that introduced it.
         for commit_id in sorted(missing, key=lambda c: (self.read_commit(c).time, c)):
-            self._index_commit(commit_id, self.read_commit(commit_id), sync_refs=False)
+            self._index_commit(commit_id, self.read_commit(commit_id))
         idx.set_refs(db, self.all_refs())
         return len(missing)
 
@@ -271,7 +271,7 @@ class Store:
         (self.root / "cache").mkdir()
         return self.sync_index()
 
-    def _index_commit(self, cid: str, commit: Commit, sync_refs: bool = True) -> None:
+    def _index_commit(self, cid: str, commit: Commit) -> None:
         db = self.db_raw()
         facts: list[dict] = []
         expert = None
@@ -300,8 +300,6 @@ class Store:
             "metrics": dict(commit.metrics),
         }
         idx.add_commit(db, cid, record, facts, expert)
-        if sync_refs:
-            idx.set_refs(db, self.all_refs())
 
     # -- typed blobs ---------------------------------------------------------------------------------
     def read_facts(self, oid: str) -> list[dict]:
