@@ -174,7 +174,6 @@ class Editor:
         loss_value = float("nan")
         if not bool(counted.any()):
             return 0, loss_value
-        adaptor_layer = decoder_layers(self.model)[self.adaptor.layer]
 
         # The vocabulary projection dominates a step: apply it only where a target token is predicted.
         lm_head = self.model.get_output_embeddings()

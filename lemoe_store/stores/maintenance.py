@@ -90,17 +90,7 @@ def reachable_objects(store: Store) -> set[str]:
     _, head = store.refs.head()
     if head:
         starts.add(head)
-    reachable: set[str] = set()
-    for start in starts:
-        if start in reachable or start not in store.objects:
-            continue
-        for cid, commit in store.walk(start):
-            if cid in reachable:
-                break
-            reachable.add(cid)
-            for entry in commit.tree:
-                reachable.update((entry.expert, entry.anchors, entry.facts))
-    return reachable
+    return store.closure(starts)
 
 
 def gc(store: Store, prune: bool = False) -> GcReport:

@@ -174,6 +174,24 @@ class Store:
                 raise BadRevisionError(f"short id {base!r} is ambiguous ({len(matches)} commits)")
         raise BadRevisionError(f"unknown revision {base!r}")
 
+    def closure(self, starts: set[str]) -> set[str]:
+        """Every commit and tree object reachable from the commits `starts` (those present in the store)."""
+        reachable: set[str] = set()
+        for start in starts:
+            if start in reachable or start not in self.objects:
+                continue
+            for cid, commit in self.walk(start):
+                if cid in reachable:
+                    break
+                reachable.add(cid)
+                for entry in commit.tree:
+                    reachable.update((entry.expert, entry.anchors, entry.facts))
+        return reachable
+
+    def is_ancestor(self, ancestor: str, cid: str) -> bool:
+        """Whether `ancestor` is `cid` or lies on its (single-parent) history."""
+        return any(commit_id == ancestor for commit_id, _ in self.walk(cid))
+
     def commits_using(self, oids: set[str]) -> list[str]:
         """Commits reachable from any ref whose tree holds one of `oids` (oldest first)."""
         users: dict[str, float] = {}
@@ -201,6 +219,11 @@ class Store:
         if self.refs.read(f"{prefix}{name}") is not None:
             raise StoreError(f"{'branch' if prefix == HEADS else 'tag'} {name!r} already exists")
         self.refs.set_if_equals(f"{prefix}{name}", None, check_object_id(cid), message)
+        idx.set_refs(self.db_raw(), self.all_refs())
+
+    def move_ref(self, ref: str, old: str | None, new: str, message: str) -> None:
+        """Point `ref` (full name) at `new` if it still points at `old` (None: create it)."""
+        self.refs.set_if_equals(ref, old, check_object_id(new), message)
         idx.set_refs(self.db_raw(), self.all_refs())
 
     def delete_ref(self, prefix: str, name: str) -> str:
