@@ -10,9 +10,9 @@ token, which leaves the prompt's K/V cache identical to the base model's at ever
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -56,6 +56,7 @@ class ExpertArtifact:
 class RoutingDecision:
     experts: torch.Tensor  # (B,) expert index per row, NO_EXPERT for none
     start: torch.Tensor  # (B,) first position of the current input chunk the expert applies to
+    weights: torch.Tensor | None = None  # (B,) gate per row (a learned router's); None: the expert's full output
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -70,6 +71,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if not lists:
         raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
     return max(lists, key=len)
+
+
+def mlp_of(layer: nn.Module) -> nn.Module:
+    """A decoder layer's MLP module (or the adaptor wrapping it)."""
+    return getattr(layer, _mlp_name(layer))
 
 
 def _mlp_name(layer: nn.Module) -> str:
@@ -154,17 +160,22 @@ class LemoeAdaptor(nn.Module):
         finally:
             self._bypass = False
 
-    def _route_prefill(self, x: torch.Tensor) -> RoutingDecision:
+    def prompt_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """At prefill: (B, T) mask of the prompt tokens, and (B,) index of each row's last prompt token."""
         attention_mask, prompt_lengths = self._prefill
         real = attention_mask.to(torch.bool)
         rank_in_row = real.long().cumsum(dim=1) - 1
         lengths = real.sum(dim=1) if prompt_lengths is None else prompt_lengths.to(real.device)
         prompt_mask = real & (rank_in_row < lengths[:, None])
         first_real = real.float().argmax(dim=1).long()
+        return prompt_mask, first_real + lengths.long() - 1
+
+    def _route_prefill(self, x: torch.Tensor) -> RoutingDecision:
+        prompt_mask, last_prompt_token = self.prompt_layout()
         self.last_keys = prompt_keys(x, prompt_mask)
         self.last_routes = self.anchors.route(self.last_keys)
         experts = torch.tensor([r.expert for r in self.last_routes], device=x.device, dtype=torch.long)
-        return RoutingDecision(experts, first_real + lengths.long() - 1)
+        return RoutingDecision(experts, last_prompt_token)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -176,7 +187,7 @@ class LemoeAdaptor(nn.Module):
             decision = self._decision = self._route_prefill(x)
             self._prefill = None
         elif self._decision is not None:  # a generation step: every new token is past the prompt
-            decision = RoutingDecision(self._decision.experts, torch.zeros_like(self._decision.start))
+            decision = replace(self._decision, start=torch.zeros_like(self._decision.start))
         else:
             return out
         return self._apply(x, out, decision)
@@ -191,6 +202,8 @@ class LemoeAdaptor(nn.Module):
             rows = (decision.experts == expert).nonzero().squeeze(1)
             active = (positions[None, :] >= decision.start[rows][:, None]).unsqueeze(-1)
             delta = self.config.scale * self.experts[expert](x[rows])
+            if decision.weights is not None:
+                delta = delta * decision.weights[rows].to(delta.dtype)[:, None, None]
             result[rows] = torch.where(active, out[rows] + delta, out[rows])
         return result
 
@@ -218,17 +231,21 @@ def find_adaptor(model: nn.Module) -> LemoeAdaptor | None:
 
 def attach(model: nn.Module, experts: list[ExpertArtifact], config: EditConfig) -> LemoeAdaptor:
     """Insert a LEMoE adaptor (replacing any earlier one) holding exactly `experts`, in order, frozen."""
-    detach(model)
-    layers = decoder_layers(model)
-    layer_index = config.resolved_layer(len(layers))
-    layer = layers[layer_index]
-    name = _mlp_name(layer)
-    hidden = model.get_input_embeddings().weight.shape[1]
-    adaptor = LemoeAdaptor(getattr(layer, name), hidden, config, layer_index)
-    setattr(layer, name, adaptor)
-    adaptor._hook = model.register_forward_pre_hook(_before_model_forward(adaptor), with_kwargs=True)
+    layer_index = config.resolved_layer(len(decoder_layers(model)))
+    adaptor = insert(model, lambda mlp, hidden: LemoeAdaptor(mlp, hidden, config, layer_index), layer_index)
     for artifact in experts:
         adaptor.add_expert(artifact)
+    return adaptor
+
+
+def insert(model: nn.Module, make: Callable[[nn.Module, int], LemoeAdaptor], layer_index: int) -> LemoeAdaptor:
+    """Wrap layer `layer_index`'s MLP in `make(mlp, hidden)` (an adaptor, or a subclass routing its own way)."""
+    detach(model)
+    layer = decoder_layers(model)[layer_index]
+    name = _mlp_name(layer)
+    adaptor = make(getattr(layer, name), model.get_input_embeddings().weight.shape[1])
+    setattr(layer, name, adaptor)
+    adaptor._hook = model.register_forward_pre_hook(_before_model_forward(adaptor), with_kwargs=True)
     return adaptor
 
 

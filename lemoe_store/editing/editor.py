@@ -52,7 +52,7 @@ class _Replay(nn.Module):
 
 
 @contextmanager
-def _lower_layers_replayed(model: nn.Module, layer: int, recorded: torch.Tensor) -> Iterator[None]:
+def lower_layers_replayed(model: nn.Module, layer: int, recorded: torch.Tensor) -> Iterator[None]:
     layers = decoder_layers(model)
     originals = [layers[i] for i in range(layer)]
     for i in range(layer):
@@ -65,7 +65,7 @@ def _lower_layers_replayed(model: nn.Module, layer: int, recorded: torch.Tensor)
 
 
 @contextmanager
-def _recording_input(module: nn.Module, into: list) -> Iterator[None]:
+def recording_input(module: nn.Module, into: list) -> Iterator[None]:
     handle = module.register_forward_pre_hook(lambda _m, args: into.append(args[0].detach()))
     try:
         yield
@@ -192,9 +192,9 @@ class Editor:
             return lm_head(hidden[counted])
 
         recorded: list[torch.Tensor] = []
-        with _recording_input(decoder_layers(self.model)[self.adaptor.layer], recorded):
+        with recording_input(decoder_layers(self.model)[self.adaptor.layer], recorded):
             logits = forward()
-        with _lower_layers_replayed(self.model, self.adaptor.layer, recorded[0]):
+        with lower_layers_replayed(self.model, self.adaptor.layer, recorded[0]):
             for step in range(1, self.config.max_steps + 1):
                 if step > 1:
                     logits = forward()

@@ -42,12 +42,17 @@ def _mean(values: list[float]) -> float | None:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, facts: list[Fact], batch_size: int = 16) -> Scores:
-    """Score `facts` on the model as it is (with whatever experts its adaptor holds)."""
+def evaluate(model, tokenizer, facts: list[Fact], batch_size: int = 16,
+             base_locality: list[list[int]] | None = None) -> Scores:
+    """Score `facts` on the model as it is (with whatever experts its adaptor holds).
+
+    Loc compares with the base model's predictions: the adaptor bypassed, or `base_locality` (from
+    `locality_predictions` on the unedited model) for editors that change the weights themselves.
+    """
     adaptor = find_adaptor(model)
     edit_pairs = [encode_pair(tokenizer, f.prompt, f.target) for f in facts]
     rephrase_pairs = [(i, encode_pair(tokenizer, r, f.target)) for i, f in enumerate(facts) for r in f.rephrases]
-    locality_pairs = [encode_pair(tokenizer, loc.prompt, loc.answer) for f in facts for loc in f.locality]
+    locality_pairs = _locality_pairs(tokenizer, facts)
 
     def accuracy(pairs: list[Pair], predictions: list[list[int]]) -> list[float]:
         return [token_accuracy(pred, pair.answer) for pair, pred in zip(pairs, predictions)]
@@ -58,12 +63,21 @@ def evaluate(model, tokenizer, facts: list[Fact], batch_size: int = 16) -> Score
     loc: list[float] = []
     if locality_pairs:
         after = teacher_forced_predictions(model, tokenizer, locality_pairs, batch_size)
-        before = base_predictions(model, tokenizer, locality_pairs, batch_size)
+        before = base_locality if base_locality is not None else base_predictions(model, tokenizer, locality_pairs, batch_size)
         loc = [token_accuracy(a, b) for a, b in zip(after, before)]
     scores = Scores(rel=_mean(rel) or 0.0, gen=_mean(gen), loc=_mean(loc), facts=len(facts))
-    if adaptor is not None and len(adaptor.experts):
+    if adaptor is not None and adaptor.anchor_facts:  # routed by anchors (not a peer editor's own router)
         _routing_accuracy(adaptor, tokenizer, facts, scores, model)
     return scores
+
+
+def _locality_pairs(tokenizer, facts: list[Fact]) -> list[Pair]:
+    return [encode_pair(tokenizer, loc.prompt, loc.answer) for f in facts for loc in f.locality]
+
+
+def locality_predictions(model, tokenizer, facts: list[Fact], batch_size: int = 16) -> list[list[int]]:
+    """The base model's teacher-forced predictions on `facts`' locality prompts (for `evaluate`)."""
+    return base_predictions(model, tokenizer, _locality_pairs(tokenizer, facts), batch_size)
 
 
 def base_predictions(model, tokenizer, pairs: list[Pair], batch_size: int = 16) -> list[list[int]]:

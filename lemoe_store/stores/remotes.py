@@ -154,11 +154,7 @@ class Remotes:
     # -- push / pull ---------------------------------------------------------------------------------------
     def push(self, name: str | None = None, all_refs: bool = False) -> Transfer:
         """Send the current branch (or every branch and tag) and the objects it reaches; fast-forward only."""
-        name = check_remote_name(name or self.default())
-        urls = self.list()
-        if name not in urls:
-            raise RemoteError(f"no remote named {name!r} (see `lemoe remote list`)")
-        report = Transfer(name, urls[name])
+        name, report = self._start_transfer(name)
         with self.store.lock(timeout=60), _quiet_dvc(), self._project() as project:
             refs = self._refs_to_push(all_refs)
             state = _read_state(project, name) or self._new_state()
@@ -192,15 +188,11 @@ class Remotes:
         A local branch that has diverged from the remote's (or a tag that names another commit) refuses the
         whole pull before any ref moves.
         """
-        name = check_remote_name(name or self.default())
-        urls = self.list()
-        if name not in urls:
-            raise RemoteError(f"no remote named {name!r} (see `lemoe remote list`)")
-        report = Transfer(name, urls[name])
+        name, report = self._start_transfer(name)
         with self.store.lock(timeout=60), _quiet_dvc(), self._project() as project:
             state = _read_state(project, name)
             if state is None:
-                raise RemoteError(f"remote {name} ({urls[name]}) holds no lemoe history yet (push to it first)")
+                raise RemoteError(f"remote {name} ({report.url}) holds no lemoe history yet (push to it first)")
             self._check_same_model(state, name)
             local = self.store.all_refs()
             wanted = {ref: entry for ref, entry in state["refs"].items() if local.get(ref) != entry["commit"]}
@@ -235,6 +227,13 @@ class Remotes:
         return report
 
     # -- helpers -----------------------------------------------------------------------------------------
+    def _start_transfer(self, name: str | None) -> tuple[str, Transfer]:
+        name = check_remote_name(name or self.default())
+        urls = self.list()
+        if name not in urls:
+            raise RemoteError(f"no remote named {name!r} (see `lemoe remote list`)")
+        return name, Transfer(name, urls[name])
+
     def _new_state(self) -> dict:
         config = self.store.config
         return {"format": STATE_FORMAT, "base_model": config["base_model"], "edit": config["edit"],

@@ -1,0 +1,135 @@
+"""The interface every editor in the benchmark implements, and the training loop the peers share.
+
+An editor edits one batch of facts at a time (`edit`), in the order given; `model_for_eval()` is the model
+as it now answers, scored by `lemoe_store.editing.evaluate` like LEMoE itself. Peers keep the base model
+intact where they can (an adaptor beside the MLP, bypassable); FT-L changes the weight itself and puts
+it back in `close()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..editing import find_adaptor
+from ..editing.adaptor import decoder_layers
+from ..editing.editor import lower_layers_replayed, recording_input
+from ..editing.batching import Pair, encode_pair, left_pad, positions
+from ..schemas.facts import Fact
+
+
+@dataclass
+class BenchSettings:
+    """What every method shares: the edited layer, the step budget and the early-stop floor."""
+
+    layer: int = 18
+    max_steps: int = 40
+    loss_floor: float = 0.1
+    seed: int = 0
+
+
+class Method:
+    """One editor under test. Subclasses set `name` and implement `edit`."""
+
+    name = "?"
+    plans_order = False  # True: the benchmark lets the method re-order the T facts (LEMoE's planning)
+
+    def __init__(self, model: nn.Module, tokenizer, settings: BenchSettings) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.bytes_added = 0  # bytes of state the edits so far added (what a store would keep)
+
+    def order(self, facts: list[Fact], batch_size: int) -> list[list[Fact]]:
+        """The edit batches, in order: consecutive slices unless the method plans its own order."""
+        return [facts[i : i + batch_size] for i in range(0, len(facts), batch_size)]
+
+    def edit(self, batch: list[Fact]) -> None:
+        raise NotImplementedError
+
+    def model_for_eval(self) -> nn.Module:
+        return self.model
+
+    def close(self) -> None:
+        """Leave the shared model as it was before this method ran."""
+        from ..editing import detach
+
+        detach(self.model)
+
+
+@dataclass
+class TrainingBatch:
+    """Prompt + answer rows, left-padded, with the answer positions' labels (for teacher forcing)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    prompt_lengths: torch.Tensor
+    labels: torch.Tensor  # (B, T-1): the token each position must predict, -100 where none
+
+    @classmethod
+    def build(cls, tokenizer, pairs: list[Pair], device: torch.device) -> TrainingBatch:
+        ids, mask = left_pad([p.prompt + p.answer for p in pairs], tokenizer.pad_token_id, device)
+        labels = torch.full((len(pairs), ids.shape[1] - 1), -100, dtype=torch.long, device=device)
+        for row, pair in enumerate(pairs):
+            labels[row, ids.shape[1] - 1 - len(pair.answer) :] = ids[row, ids.shape[1] - len(pair.answer) :]
+        lengths = torch.tensor([len(p.prompt) for p in pairs], device=device)
+        return cls(ids, mask, lengths, labels)
+
+    @classmethod
+    def of_facts(cls, tokenizer, facts: list[Fact], device: torch.device) -> TrainingBatch:
+        return cls.build(tokenizer, [encode_pair(tokenizer, f.prompt, f.target) for f in facts], device)
+
+
+def train_answers(
+    model: nn.Module,
+    batch: TrainingBatch,
+    parameters: list[torch.Tensor],
+    *,
+    layer: int,
+    steps: int,
+    lr: float,
+    floor: float,
+    optimizer: str = "adam",
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    before_step: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+    rows: int | None = None,
+) -> int:
+    """Minimise the answers' NLL (+ `extra_loss`) over `parameters`, which act at decoder layer `layer` or
+    above; stop once every answer token is the argmax and the loss is under `floor`. Only the first `rows` rows carry answers to learn (others may be
+    in the batch for `extra_loss`). Returns the steps taken."""
+    adaptor = find_adaptor(model)
+    make = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+    opt = make(parameters, lr=lr)
+    labels = batch.labels[:rows] if rows is not None else batch.labels
+    # Rows are left-padded, so every answer sits in the last columns: project only those onto the vocabulary.
+    keep = int((labels != -100).sum(dim=1).max()) + 1
+    labels = labels[:, -(keep - 1) :]
+    counted = labels != -100
+    inputs = dict(input_ids=batch.ids, attention_mask=batch.mask, position_ids=positions(batch.mask), use_cache=False)
+    # Nothing changes below the edited layer: compute its input once, then each step runs only the layers above.
+    recorded: list[torch.Tensor] = []
+    with torch.no_grad(), recording_input(decoder_layers(model)[layer], recorded):
+        model(**inputs, logits_to_keep=1)
+    for step in range(steps):
+        routing = adaptor.teacher_forcing(batch.prompt_lengths) if adaptor is not None else nullcontext()
+        with routing, lower_layers_replayed(model, layer, recorded[0]):
+            logits = model(**inputs, logits_to_keep=keep).logits
+        logits = logits[: labels.shape[0], :-1][counted]
+        loss = nn.functional.cross_entropy(logits, labels[counted])
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        if bool((logits.argmax(-1) == labels[counted]).all()) and float(loss.detach()) < floor:
+            return step
+        opt.zero_grad()
+        loss.backward()
+        if before_step is not None:
+            before_step()
+        opt.step()
+        if after_step is not None:
+            after_step()
+    return steps

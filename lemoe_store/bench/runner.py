@@ -1,0 +1,143 @@
+"""The side-by-side benchmark: every method edits the same facts on the same model, scored the same way.
+
+Lifelong: for each T, a fresh copy of the method edits the first T facts batch after batch, then Rel / Gen /
+Loc are measured over all T facts (EasyEdit definitions, `lemoe_store.editing.evaluate`), with seconds and
+bytes added per edit. Batch: the first T facts as one single batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ..editing.batching import Pair, encode_pair
+from ..editing.metrics import evaluate, locality_predictions
+from ..schemas.facts import Fact
+from .base import BenchSettings, Method
+from .ftl import FineTuneLayer
+from .grace import Grace
+from .lemoe import Lemoe, LemoeNoPlan
+from .moe import LearnedRouterFrozenExperts, LearnedRouterMoE
+from .wise import Wise
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (Lemoe, FineTuneLayer, Grace, Wise, LearnedRouterMoE, LemoeNoPlan, LearnedRouterFrozenExperts)
+}
+DEFAULT_METHODS = ("lemoe", "ft-l", "grace", "wise", "moe")
+
+
+@dataclass
+class Result:
+    mode: str  # "lifelong" or "batch"
+    method: str
+    T: int
+    batch_size: int
+    batches: int
+    rel: float
+    gen: float | None
+    loc: float | None
+    mean: float
+    seconds: float  # editing only (planning and training), not scoring
+    s_per_edit: float
+    bytes_per_edit: float
+
+
+def irrelevant_pool(tokenizer, facts: list[Fact]) -> list[Pair]:
+    """Locality prompts of facts that are never edited: WISE's "irrelevant" inputs for its margin loss."""
+    return [encode_pair(tokenizer, loc.prompt, loc.answer) for f in facts for loc in f.locality]
+
+
+def make_method(name: str, model, tokenizer, settings: BenchSettings, irrelevant: list[Pair]) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    if name == Wise.name:
+        return Wise(model, tokenizer, settings, irrelevant)
+    return METHODS[name](model, tokenizer, settings)
+
+
+def run_one(mode: str, name: str, model, tokenizer, facts: list[Fact], batch_size: int, settings: BenchSettings,
+            irrelevant: list[Pair], base_locality: list[list[int]]) -> Result:
+    torch.manual_seed(settings.seed)
+    method = make_method(name, model, tokenizer, settings, irrelevant)
+    try:
+        began = time.perf_counter()
+        batches = method.order(facts, batch_size if mode == "lifelong" else len(facts))
+        for batch in batches:
+            method.edit(batch)
+        seconds = time.perf_counter() - began
+        scores = evaluate(method.model_for_eval(), tokenizer, facts, base_locality=base_locality)
+    finally:
+        method.close()
+    return Result(mode, name, len(facts), batch_size if mode == "lifelong" else len(facts), len(batches),
+                  round(scores.rel, 4), _round(scores.gen), _round(scores.loc), round(scores.mean, 4),
+                  round(seconds, 2), round(seconds / len(facts), 3), round(method.bytes_added / len(facts)))
+
+
+def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str], sizes: list[int], batch_size: int,
+             settings: BenchSettings, irrelevant: list[Pair],
+             on_start: Callable[[str, int], None] | None = None,
+             on_result: Callable[[Result], None] | None = None) -> list[Result]:
+    """Every method at every T; the base model's locality predictions are taken once, before any edit."""
+    for name in methods:
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    if max(sizes) > len(facts):
+        raise ValueError(f"T = {max(sizes)} but the data holds {len(facts)} facts")
+    base_all = locality_predictions(model, tokenizer, facts[: max(sizes)])
+    results = []
+    for name in methods:
+        for size in sizes:
+            if on_start:
+                on_start(name, size)
+            subset = facts[:size]
+            base = base_all[: sum(len(f.locality) for f in subset)]
+            result = run_one(mode, name, model, tokenizer, subset, batch_size, settings, irrelevant, base)
+            results.append(result)
+            if on_result:
+                on_result(result)
+    return results
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def save(results: list[Result], out_dir: Path, meta: dict) -> tuple[Path, Path]:
+    """results.json (with the run's settings) and a PNG of Rel / Gen / Loc against T per method."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "results.json"
+    json_path.write_text(json.dumps({**meta, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    png_path = out_dir / "results.png"
+    plot(results, png_path, title=f"{meta.get('mode', '')} editing, {meta.get('data', '')}")
+    return json_path, png_path
+
+
+def plot(results: list[Result], path: Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    for axis, metric in zip(axes, ("rel", "gen", "loc")):
+        for method in dict.fromkeys(r.method for r in results):
+            rows = sorted((r for r in results if r.method == method), key=lambda r: r.T)
+            points = [(r.T, getattr(r, metric)) for r in rows if getattr(r, metric) is not None]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=method)
+        axis.set_xscale("log")
+        axis.set_xlabel("T (edits)")
+        axis.set_title(metric.capitalize())
+        axis.set_ylim(0, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

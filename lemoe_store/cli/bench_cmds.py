@@ -1,0 +1,102 @@
+"""`lemoe bench lifelong|batch`: LEMoE against FT-L, GRACE, WISE and a conventional MoE, side by side."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .. import models
+from ..bench import DEFAULT_METHODS, BenchSettings, Result, run_grid, save
+from ..bench.runner import irrelevant_pool
+from ..schemas.facts import load_facts
+from .output import console, err_console, fmt, print_json
+
+bench_app = typer.Typer(help="Benchmark LEMoE against prior editors on the same model and data.",
+                        no_args_is_help=True)
+
+Methods = Annotated[str, typer.Option("--methods", help="Comma-separated: lemoe, ft-l, grace, wise, moe, "
+                                                        "lemoe-no-plan, lemoe-no-kv.")]
+Data = Annotated[Path, typer.Option("--data", help="ZsRE / CounterFact / native facts file.")]
+Irrelevant = Annotated[Path, typer.Option(
+    "--irrelevant", help="Facts whose locality prompts WISE may train on as 'irrelevant' inputs (never edited).")]
+Model = Annotated[str, typer.Option("--model", help="Embedded model name or a local HF model directory.")]
+Layer = Annotated[int, typer.Option("--layer", help="The edited layer, for every method.")]
+Out = Annotated[Path, typer.Option("--out", help="Folder for results.json and results.png.")]
+DEFAULT_DATA = Path("../shared/data/zsre_mend_eval.json")
+DEFAULT_POOL = Path("../shared/data/zsre_mend_train-1k.json")
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--T takes comma-separated integers, not {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter("--T needs positive sizes")
+    return sizes
+
+
+def _run(mode: str, methods: str, sizes: str, data: Path, irrelevant: Path, batch_size: int, model: str, layer: int,
+         out: Path, json_: bool) -> None:
+    facts = load_facts(data, skipped=[])
+    pool = load_facts(irrelevant, skipped=[])
+    base, tokenizer = models.load_model(model, device="auto")
+    settings = BenchSettings(layer=layer)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    began = time.perf_counter()
+
+    def started(name: str, size: int) -> None:
+        err_console.print(f"[dim]{mode}: {name}, T = {size} …[/]", highlight=False)
+
+    results = run_grid(mode, base, tokenizer, facts, names, _sizes(sizes), batch_size, settings,
+                       irrelevant_pool(tokenizer, pool), on_start=started)
+    meta = {"mode": mode, "data": str(data), "model": model, "layer": layer, "batch_size": batch_size,
+            "seconds_total": round(time.perf_counter() - began, 1)}
+    json_path, png_path = save(results, out, meta)
+    if json_:
+        print_json({**meta, "results": [r.__dict__ for r in results], "files": [str(json_path), str(png_path)]})
+        return
+    console.print(_table(results, f"{mode} editing: {data.name}, {model}, layer {layer}"))
+    console.print(f"wrote {json_path} and {png_path} ({meta['seconds_total']} s)", highlight=False)
+
+
+def _table(results: list[Result], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("method", "T", "batch", "Rel", "Gen", "Loc", "mean", "s/edit", "bytes/edit"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
+    for r in results:
+        table.add_row(r.method, str(r.T), str(r.batch_size), fmt(r.rel), fmt(r.gen), fmt(r.loc), fmt(r.mean),
+                      fmt(r.s_per_edit), f"{r.bytes_per_edit:,.0f}")
+    return table
+
+
+@bench_app.command()
+def lifelong(
+    methods: Methods = ",".join(DEFAULT_METHODS),
+    sizes: Annotated[str, typer.Option("--T", help="Comma-separated numbers of sequential edits.")] = "1,10,100",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Facts per edit batch.")] = 10,
+    data: Data = DEFAULT_DATA, irrelevant: Irrelevant = DEFAULT_POOL, model: Model = models.DEFAULT_MODEL,
+    layer: Layer = 18, out: Out = Path("bench-results/lifelong"), json_: JsonFlag = False,
+) -> None:
+    """Edit the first T facts batch after batch, then score all T (Rel/Gen/Loc, s and bytes per edit)."""
+    _run("lifelong", methods, sizes, data, irrelevant, batch_size, model, layer, out, json_)
+
+
+@bench_app.command()
+def batch(
+    methods: Methods = ",".join(DEFAULT_METHODS),
+    sizes: Annotated[str, typer.Option("--T", help="Comma-separated batch sizes (one batch each).")] = "10,100",
+    data: Data = DEFAULT_DATA, irrelevant: Irrelevant = DEFAULT_POOL, model: Model = models.DEFAULT_MODEL,
+    layer: Layer = 18, out: Out = Path("bench-results/batch"), json_: JsonFlag = False,
+) -> None:
+    """Edit the first T facts as one single batch, then score them."""
+    _run("batch", methods, sizes, data, irrelevant, 0, model, layer, out, json_)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench", rich_help_panel="Benchmark")

@@ -1,0 +1,99 @@
+"""The benchmark's peer editors on a tiny model: each one really edits, and leaves the model as it found it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import tiny_facts
+from lemoe_store.bench import METHODS, BenchSettings, run_grid, save
+from lemoe_store.bench.runner import irrelevant_pool, make_method
+from lemoe_store.bench.wise import ties_merge
+from lemoe_store.cli import app
+from lemoe_store.editing import evaluate
+from lemoe_store.editing.batching import encode_prompt
+from lemoe_store.models import load_model
+
+SETTINGS = BenchSettings(layer=2, max_steps=80)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir), device="cpu")
+
+
+def _logits(model, tokenizer, prompt: str) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([encode_prompt(tokenizer, prompt)])).logits
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_edits_and_leaves_the_model_as_it_was(tiny, name):
+    model, tokenizer = tiny
+    facts = tiny_facts()[:8]
+    probe = "0 1 2 3 4 5 6 7 8"
+    before = _logits(model, tokenizer, probe)
+    base_rel = evaluate(model, tokenizer, facts).rel
+    method = make_method(name, model, tokenizer, SETTINGS, irrelevant_pool(tokenizer, tiny_facts()[8:]))
+    if name == "ft-l":  # a random tiny model needs a far looser constraint than SmolLM2 (see the next test)
+        method.lr, method.eps = 1e-2, 1.0
+    for batch in method.order(facts, 4):
+        method.edit(batch)
+    edited = evaluate(method.model_for_eval(), tokenizer, facts)
+    method.close()
+    assert edited.rel > base_rel + 0.3, (name, base_rel, edited)
+    assert torch.equal(_logits(model, tokenizer, probe), before)  # closed: the base model again
+
+
+def test_ft_l_keeps_the_weight_change_within_its_norm_constraint(tiny):
+    model, tokenizer = tiny
+    method = make_method("ft-l", model, tokenizer, SETTINGS, [])
+    method.edit(tiny_facts()[:4])
+    change = (method.weight - method.original).abs().max()
+    assert 0 < change <= method.eps + 1e-7
+    method.close()
+    assert torch.equal(method.weight, method.original)
+
+
+def test_grace_and_lemoe_leave_unrelated_prompts_bit_identical(tiny):
+    model, tokenizer = tiny
+    probe = "the quick brown fox jumps over the lazy dog 0 1 2 3"
+    before = _logits(model, tokenizer, probe)
+    for name in ("grace", "lemoe"):
+        method = make_method(name, model, tokenizer, SETTINGS, [])
+        method.edit(tiny_facts()[:4])
+        assert torch.equal(_logits(method.model_for_eval(), tokenizer, probe), before), name
+        method.close()
+
+
+def test_ties_merge_elects_signs_and_averages_agreeing_entries():
+    a = torch.tensor([1.0, -2.0, 0.0, 3.0])
+    b = torch.tensor([3.0, 1.0, 5.0, 0.0])
+    # entry 1: mass -2 + 1 < 0, so only a's -2 survives; entry 0: mean(1, 3).
+    assert torch.equal(ties_merge([a, b]), torch.tensor([2.0, -2.0, 5.0, 3.0]))
+
+
+def test_run_grid_writes_results_and_plot(tiny, tmp_path):
+    model, tokenizer = tiny
+    facts = tiny_facts()
+    results = run_grid("lifelong", model, tokenizer, facts[:8], ["lemoe", "ft-l"], [4, 8], 4, SETTINGS,
+                       irrelevant_pool(tokenizer, facts[8:]))
+    assert [(r.method, r.T) for r in results] == [("lemoe", 4), ("lemoe", 8), ("ft-l", 4), ("ft-l", 8)]
+    json_path, png_path = save(results, tmp_path, {"mode": "lifelong", "data": "tiny"})
+    assert json.loads(json_path.read_text())["results"][1]["T"] == 8
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_bench_writes_a_table_results_and_plot(tiny_llama_dir, facts_file, tmp_path):
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, [
+        "bench", "lifelong", "--methods", "grace,lemoe", "--T", "2,4", "--data", str(facts_file),
+        "--irrelevant", str(facts_file), "--model", str(tiny_llama_dir), "--layer", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "grace" in result.output and "bytes/edit" in result.output
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [(r["method"], r["T"]) for r in results] == [("grace", 2), ("grace", 4), ("lemoe", 2), ("lemoe", 4)]
+    assert (out / "results.png").stat().st_size > 1000
