@@ -50,13 +50,19 @@ def _run(mode: str, methods: str, sizes: str, data: Path, irrelevant: Path, batc
     names = [m.strip() for m in methods.split(",") if m.strip()]
     began = time.perf_counter()
 
+    meta = {"mode": mode, "data": str(data), "model": model, "layer": layer, "batch_size": batch_size}
+    done: list[Result] = []
+
     def started(name: str, size: int) -> None:
         err_console.print(f"[dim]{mode}: {name}, T = {size} …[/]", highlight=False)
 
+    def finished(result: Result) -> None:  # saved as they come: a long grid stopped early keeps its rows
+        done.append(result)
+        save(done, out, {**meta, "seconds_total": round(time.perf_counter() - began, 1)})
+
     results = run_grid(mode, base, tokenizer, facts, names, _sizes(sizes), batch_size, settings,
-                       irrelevant_pool(tokenizer, pool), on_start=started)
-    meta = {"mode": mode, "data": str(data), "model": model, "layer": layer, "batch_size": batch_size,
-            "seconds_total": round(time.perf_counter() - began, 1)}
+                       irrelevant_pool(tokenizer, pool), on_start=started, on_result=finished)
+    meta["seconds_total"] = round(time.perf_counter() - began, 1)
     json_path, png_path = save(results, out, meta)
     if json_:
         print_json({**meta, "results": [r.__dict__ for r in results], "files": [str(json_path), str(png_path)]})
