@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..editing import find_adaptor
+from ..editing import detach, find_adaptor
 from ..editing.adaptor import decoder_layers
 from ..editing.editor import lower_layers_replayed, recording_input
 from ..editing.batching import Pair, encode_pair, left_pad, positions
@@ -56,8 +56,6 @@ class Method:
 
     def close(self) -> None:
         """Leave the shared model as it was before this method ran."""
-        from ..editing import detach
-
         detach(self.model)
 
 
@@ -88,19 +86,18 @@ def train_answers(
     model: nn.Module,
     batch: TrainingBatch,
     parameters: list[torch.Tensor],
+    settings: BenchSettings,
     *,
-    layer: int,
-    steps: int,
     lr: float,
-    floor: float,
     optimizer: str = "adam",
     extra_loss: Callable[[], torch.Tensor] | None = None,
     before_step: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
     rows: int | None = None,
 ) -> int:
-    """Minimise the answers' NLL (+ `extra_loss`) over `parameters`, which act at decoder layer `layer` or
-    above; stop once every answer token is the argmax and the loss is under `floor`. Only the first `rows` rows carry answers to learn (others may be
+    """Minimise the answers' NLL (+ `extra_loss`) over `parameters`, which act at decoder layer
+    `settings.layer` or above, for at most `settings.max_steps`; stop once every answer token is the argmax
+    and the loss is under `settings.loss_floor`. Only the first `rows` rows carry answers to learn (others may be
     in the batch for `extra_loss`). Returns the steps taken."""
     adaptor = find_adaptor(model)
     make = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
@@ -113,17 +110,17 @@ def train_answers(
     inputs = dict(input_ids=batch.ids, attention_mask=batch.mask, position_ids=positions(batch.mask), use_cache=False)
     # Nothing changes below the edited layer: compute its input once, then each step runs only the layers above.
     recorded: list[torch.Tensor] = []
-    with torch.no_grad(), recording_input(decoder_layers(model)[layer], recorded):
+    with torch.no_grad(), recording_input(decoder_layers(model)[settings.layer], recorded):
         model(**inputs, logits_to_keep=1)
-    for step in range(steps):
+    for step in range(settings.max_steps):
         routing = adaptor.teacher_forcing(batch.prompt_lengths) if adaptor is not None else nullcontext()
-        with routing, lower_layers_replayed(model, layer, recorded[0]):
+        with routing, lower_layers_replayed(model, settings.layer, recorded[0]):
             logits = model(**inputs, logits_to_keep=keep).logits
         logits = logits[: labels.shape[0], :-1][counted]
         loss = nn.functional.cross_entropy(logits, labels[counted])
         if extra_loss is not None:
             loss = loss + extra_loss()
-        if bool((logits.argmax(-1) == labels[counted]).all()) and float(loss.detach()) < floor:
+        if bool((logits.argmax(-1) == labels[counted]).all()) and float(loss.detach()) < settings.loss_floor:
             return step
         opt.zero_grad()
         loss.backward()
@@ -132,4 +129,4 @@ def train_answers(
         opt.step()
         if after_step is not None:
             after_step()
-    return steps
+    return settings.max_steps

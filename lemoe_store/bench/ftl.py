@@ -46,8 +46,7 @@ class FineTuneLayer(Method):
                 self.weight.copy_(torch.clamp(self.weight, self.original - self.eps, self.original + self.eps))
 
         train_answers(self.model, TrainingBatch.of_facts(self.tokenizer, batch, model_device(self.model)),
-                      [self.weight], layer=self.settings.layer, steps=self.settings.max_steps, lr=self.lr, floor=self.settings.loss_floor,
-                      after_step=constrain)
+                      [self.weight], self.settings, lr=self.lr, after_step=constrain)
         self.weight.requires_grad_(False)
 
     def close(self) -> None:

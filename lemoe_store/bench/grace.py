@@ -92,6 +92,7 @@ class Grace(Method):
         first_new = len(book.keys)
         trained: list[Fact] = []
         for fact, key, output in zip(batch, keys, outputs):
+            radius = EPS_INIT
             if len(book.keys):
                 distance, nearest = torch.cdist(key[None], book.keys)[0].min(dim=0)
                 distance, nearest = float(distance), int(nearest)
@@ -99,12 +100,7 @@ class Grace(Method):
                     if book.answers[nearest] == fact.target:
                         book.radii[nearest] = max(float(book.radii[nearest]), distance)  # expand
                         continue
-                    book.radii[nearest] = distance / 2  # split
-                    radius = distance / 2
-                else:
-                    radius = EPS_INIT
-            else:
-                radius = EPS_INIT
+                    book.radii[nearest] = radius = distance / 2  # split
             book.keys = torch.cat([book.keys, key[None]])
             book.values = torch.cat([book.values, output[None].to(book.values.dtype)])
             book.radii = torch.cat([book.radii, torch.tensor([radius], device=book.radii.device)])
@@ -117,7 +113,7 @@ class Grace(Method):
         entries = torch.arange(first_new, len(book.keys), device=values.device)
         data = TrainingBatch.of_facts(self.tokenizer, trained, model_device(self.model))
         with book.forced(entries, data.ids.shape[1] - 1 - (data.labels != -100).sum(dim=1)):
-            train_answers(self.model, data, [values], layer=self.settings.layer, steps=self.settings.max_steps, lr=self.lr, floor=self.settings.loss_floor)
+            train_answers(self.model, data, [values], self.settings, lr=self.lr)
         book.values = torch.cat([book.values[:first_new], values.detach()])
         book.training_values = None
         self.bytes_added += len(trained) * (2 * book.hidden + 1) * 4

@@ -72,8 +72,7 @@ class LearnedRouterMoE(Method):
             return nn.functional.cross_entropy(self.adaptor.router_logits, target)
 
         train_answers(self.model, TrainingBatch.of_facts(self.tokenizer, batch, model_device(self.model)),
-                      parameters, layer=self.settings.layer, steps=self.settings.max_steps, lr=self.lr, floor=self.settings.loss_floor,
-                      extra_loss=router_loss)
+                      parameters, self.settings, lr=self.lr, extra_loss=router_loss)
         for p in parameters:
             p.requires_grad_(False)
         expert_bytes = sum(p.numel() * p.element_size() for p in self.adaptor.experts[new].parameters())

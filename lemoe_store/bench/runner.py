@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..editing.batching import Pair, encode_pair
-from ..editing.metrics import evaluate, locality_predictions
+from ..editing.batching import Pair
+from ..editing.metrics import evaluate, locality_pairs, locality_predictions
 from ..schemas.facts import Fact
 from .base import BenchSettings, Method
 from .ftl import FineTuneLayer
@@ -50,15 +50,20 @@ class Result:
 
 def irrelevant_pool(tokenizer, facts: list[Fact]) -> list[Pair]:
     """Locality prompts of facts that are never edited: WISE's "irrelevant" inputs for its margin loss."""
-    return [encode_pair(tokenizer, loc.prompt, loc.answer) for f in facts for loc in f.locality]
+    return locality_pairs(tokenizer, facts)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
 
 
 def make_method(name: str, model, tokenizer, settings: BenchSettings, irrelevant: list[Pair]) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    if name == Wise.name:
+    cls = method_class(name)
+    if cls is Wise:
         return Wise(model, tokenizer, settings, irrelevant)
-    return METHODS[name](model, tokenizer, settings)
+    return cls(model, tokenizer, settings)
 
 
 def run_one(mode: str, name: str, model, tokenizer, facts: list[Fact], batch_size: int, settings: BenchSettings,
@@ -74,8 +79,9 @@ def run_one(mode: str, name: str, model, tokenizer, facts: list[Fact], batch_siz
         scores = evaluate(method.model_for_eval(), tokenizer, facts, base_locality=base_locality)
     finally:
         method.close()
+    rounded = scores.to_dict()
     return Result(mode, name, len(facts), batch_size if mode == "lifelong" else len(facts), len(batches),
-                  round(scores.rel, 4), _round(scores.gen), _round(scores.loc), round(scores.mean, 4),
+                  rounded["rel"], rounded["gen"], rounded["loc"], round(scores.mean, 4),
                   round(seconds, 2), round(seconds / len(facts), 3), round(method.bytes_added / len(facts)))
 
 
@@ -85,8 +91,7 @@ def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str],
              on_result: Callable[[Result], None] | None = None) -> list[Result]:
     """Every method at every T; the base model's locality predictions are taken once, before any edit."""
     for name in methods:
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        method_class(name)  # fail before any work on a misspelt name
     if max(sizes) > len(facts):
         raise ValueError(f"T = {max(sizes)} but the data holds {len(facts)} facts")
     base_all = locality_predictions(model, tokenizer, facts[: max(sizes)])
@@ -102,10 +107,6 @@ def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str],
             if on_result:
                 on_result(result)
     return results
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
 
 
 def save(results: list[Result], out_dir: Path, meta: dict) -> tuple[Path, Path]:

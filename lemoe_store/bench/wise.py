@@ -62,7 +62,7 @@ class SideMemory(LemoeAdaptor):
         self.threshold = float("inf")  # nothing routes to the side memory before the first edit
         self.last_scores: torch.Tensor | None = None
         self._activation: torch.Tensor | None = None
-        down_projection(base).register_forward_hook(self._record_activation)
+        self.activation_hook = down_projection(base).register_forward_hook(self._record_activation)
 
     def _record_activation(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._activation = args[0]
@@ -132,6 +132,10 @@ class Wise(Method):
         self.shards += 1
         self.edits_in_shard = 0
 
+    def close(self) -> None:
+        self.memory.activation_hook.remove()  # it sits on the base model's own module, which outlives us
+        super().close()
+
     def _merge_shard(self) -> None:
         with torch.no_grad():
             shard = (self.memory.shard * self.memory.mask).detach()
@@ -163,9 +167,8 @@ class Wise(Method):
 
         everyone = torch.zeros(len(pairs) + len(unrelated), dtype=torch.long, device=data.ids.device)
         with memory.forced(everyone, torch.zeros_like(everyone)):
-            train_answers(self.model, data, [memory.shard], layer=self.settings.layer, steps=self.settings.max_steps, lr=self.lr, optimizer="sgd",
-                          floor=self.settings.loss_floor, extra_loss=margin_loss, before_step=mask_gradient,
-                          after_step=constrain, rows=edits)
+            train_answers(self.model, data, [memory.shard], self.settings, lr=self.lr, optimizer="sgd",
+                          extra_loss=margin_loss, before_step=mask_gradient, after_step=constrain, rows=edits)
         with torch.no_grad(), memory.teacher_forcing(data.prompt_lengths[:edits]):
             # the scores the edits have now (over their prompts, as at inference) set the threshold
             mask = data.mask[:edits]

@@ -101,12 +101,13 @@ def export(
 ) -> None:
     """Write one version as a peft-like folder that `lemoe_store.load_version(OUT_DIR)` loads."""
     repo = Repo.open(store)
-    out = export_version(repo, rev, out_dir, with_base)
+    cid = repo.store.resolve(rev)
+    out = export_version(repo, cid, out_dir, with_base)
     files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     if json_:
-        print_json({"path": str(out), "commit": repo.store.resolve(rev), "files": files})
+        print_json({"path": str(out), "commit": cid, "files": files})
         return
-    console.print(f"Exported {short(repo.store.resolve(rev))} to {out} ({sum(files.values()):,} bytes)", highlight=False)
+    console.print(f"Exported {short(cid)} to {out} ({sum(files.values()):,} bytes)", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -52,7 +52,7 @@ def evaluate(model, tokenizer, facts: list[Fact], batch_size: int = 16,
     adaptor = find_adaptor(model)
     edit_pairs = [encode_pair(tokenizer, f.prompt, f.target) for f in facts]
     rephrase_pairs = [(i, encode_pair(tokenizer, r, f.target)) for i, f in enumerate(facts) for r in f.rephrases]
-    locality_pairs = _locality_pairs(tokenizer, facts)
+    loc_pairs = locality_pairs(tokenizer, facts)
 
     def accuracy(pairs: list[Pair], predictions: list[list[int]]) -> list[float]:
         return [token_accuracy(pred, pair.answer) for pair, pred in zip(pairs, predictions)]
@@ -61,9 +61,9 @@ def evaluate(model, tokenizer, facts: list[Fact], batch_size: int = 16,
     reph = [p for _, p in rephrase_pairs]
     gen = accuracy(reph, teacher_forced_predictions(model, tokenizer, reph, batch_size))
     loc: list[float] = []
-    if locality_pairs:
-        after = teacher_forced_predictions(model, tokenizer, locality_pairs, batch_size)
-        before = base_locality if base_locality is not None else base_predictions(model, tokenizer, locality_pairs, batch_size)
+    if loc_pairs:
+        after = teacher_forced_predictions(model, tokenizer, loc_pairs, batch_size)
+        before = base_locality if base_locality is not None else base_predictions(model, tokenizer, loc_pairs, batch_size)
         loc = [token_accuracy(a, b) for a, b in zip(after, before)]
     scores = Scores(rel=_mean(rel) or 0.0, gen=_mean(gen), loc=_mean(loc), facts=len(facts))
     if adaptor is not None and adaptor.anchor_facts:  # routed by anchors (not a peer editor's own router)
@@ -71,13 +71,14 @@ def evaluate(model, tokenizer, facts: list[Fact], batch_size: int = 16,
     return scores
 
 
-def _locality_pairs(tokenizer, facts: list[Fact]) -> list[Pair]:
+def locality_pairs(tokenizer, facts: list[Fact]) -> list[Pair]:
+    """Every locality prompt of `facts`, in order, with its expected answer."""
     return [encode_pair(tokenizer, loc.prompt, loc.answer) for f in facts for loc in f.locality]
 
 
 def locality_predictions(model, tokenizer, facts: list[Fact], batch_size: int = 16) -> list[list[int]]:
     """The base model's teacher-forced predictions on `facts`' locality prompts (for `evaluate`)."""
-    return base_predictions(model, tokenizer, _locality_pairs(tokenizer, facts), batch_size)
+    return base_predictions(model, tokenizer, locality_pairs(tokenizer, facts), batch_size)
 
 
 def base_predictions(model, tokenizer, pairs: list[Pair], batch_size: int = 16) -> list[list[int]]:

@@ -16,7 +16,6 @@ only, like `git pull --ff-only`: a diverged branch is refused and nothing is ove
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import StoreError
-from .objects import check_object_id
+from .objects import check_object_id, object_id
 from .refs import HEADS, TAGS
 from .store import STORE_DIR, Store
 
@@ -80,18 +79,18 @@ def _quiet_dvc() -> Iterator[None]:
 
 
 def _dvc_project(directory: Path):
-    """The DVC project in `directory`, created on first use (no SCM, no analytics, hard-linked cache)."""
+    """The DVC project in `directory`, created on first use (no SCM, no analytics, hard-linked cache).
+    Callers hold `_quiet_dvc()`."""
     from dvc.repo import Repo as DvcRepo
 
-    with _quiet_dvc():
-        if not (directory / ".dvc").is_dir():
-            directory.mkdir(parents=True, exist_ok=True)
-            project = DvcRepo.init(str(directory), no_scm=True)
-            with project.config.edit() as conf:
-                conf["core"]["analytics"] = False
-                conf["cache"]["type"] = "hardlink,copy"
-            project.close()
-        return DvcRepo(str(directory))
+    if not (directory / ".dvc").is_dir():
+        directory.mkdir(parents=True, exist_ok=True)
+        project = DvcRepo.init(str(directory), no_scm=True)
+        with project.config.edit() as conf:
+            conf["core"]["analytics"] = False
+            conf["cache"]["type"] = "hardlink,copy"
+        project.close()
+    return DvcRepo(str(directory))
 
 
 class Remotes:
@@ -107,7 +106,7 @@ class Remotes:
         if name in self.list():
             raise RemoteError(f"remote {name!r} already exists")
         url = normalise_url(url)
-        with self.store.lock(timeout=30), _quiet_dvc(), self._project() as project:
+        with self.store.lock(timeout=30), self._project() as project:
             with project.config.edit() as conf:
                 conf["remote"][name] = {"url": url, "verify": True}
                 if default or not conf["core"].get("remote"):
@@ -117,7 +116,7 @@ class Remotes:
     def remove(self, name: str) -> None:
         if name not in self.list():
             raise RemoteError(f"no remote named {name!r}")
-        with self.store.lock(timeout=30), _quiet_dvc(), self._project() as project:
+        with self.store.lock(timeout=30), self._project() as project:
             with project.config.edit() as conf:
                 del conf["remote"][name]
                 if conf["core"].get("remote") == name:
@@ -127,11 +126,11 @@ class Remotes:
         """Remote name -> URL."""
         if not (self.directory / ".dvc").is_dir():
             return {}
-        with _quiet_dvc(), self._project() as project:
+        with self._project() as project:
             return {name: conf["url"] for name, conf in project.config["remote"].items()}
 
     def default(self) -> str:
-        with _quiet_dvc(), self._project() as project:
+        with self._project() as project:
             name = project.config["core"].get("remote")
         if not name:
             raise RemoteError("no remote given and none configured (run `lemoe remote add NAME URL`)")
@@ -139,23 +138,19 @@ class Remotes:
 
     @contextmanager
     def _project(self):
-        project = _dvc_project(self.directory)
-        try:
-            yield project
-        finally:
-            project.close()
-
-    # -- the remote's refs document ----------------------------------------------------------------------
-    def read_state(self, name: str) -> dict | None:
-        """The remote's refs document, or None if nothing was ever pushed there."""
-        with _quiet_dvc(), self._project() as project:
-            return _read_state(project, name)
+        """This store's DVC project, opened (and quiet) for one operation."""
+        with _quiet_dvc():
+            project = _dvc_project(self.directory)
+            try:
+                yield project
+            finally:
+                project.close()
 
     # -- push / pull ---------------------------------------------------------------------------------------
     def push(self, name: str | None = None, all_refs: bool = False) -> Transfer:
         """Send the current branch (or every branch and tag) and the objects it reaches; fast-forward only."""
         name, report = self._start_transfer(name)
-        with self.store.lock(timeout=60), _quiet_dvc(), self._project() as project:
+        with self.store.lock(timeout=60), self._project() as project:
             refs = self._refs_to_push(all_refs)
             state = _read_state(project, name) or self._new_state()
             self._check_same_model(state, name)
@@ -189,7 +184,7 @@ class Remotes:
         whole pull before any ref moves.
         """
         name, report = self._start_transfer(name)
-        with self.store.lock(timeout=60), _quiet_dvc(), self._project() as project:
+        with self.store.lock(timeout=60), self._project() as project:
             state = _read_state(project, name)
             if state is None:
                 raise RemoteError(f"remote {name} ({report.url}) holds no lemoe history yet (push to it first)")
@@ -299,7 +294,7 @@ class Remotes:
         for file in sorted(staging.iterdir()):
             oid = check_object_id(file.name)
             data = file.read_bytes()
-            if hashlib.sha256(data).hexdigest() != oid:
+            if object_id(data) != oid:
                 raise RemoteError(f"pull from {name}: object {oid} is corrupt (its content hash does not match)")
             if oid not in self.store.objects:
                 self.store.objects.put(data)

@@ -218,8 +218,7 @@ class Store:
         check_ref_name(name, "branch" if prefix == HEADS else "tag")
         if self.refs.read(f"{prefix}{name}") is not None:
             raise StoreError(f"{'branch' if prefix == HEADS else 'tag'} {name!r} already exists")
-        self.refs.set_if_equals(f"{prefix}{name}", None, check_object_id(cid), message)
-        idx.set_refs(self.db_raw(), self.all_refs())
+        self.move_ref(f"{prefix}{name}", None, cid, message)
 
     def move_ref(self, ref: str, old: str | None, new: str, message: str) -> None:
         """Point `ref` (full name) at `new` if it still points at `old` (None: create it)."""
@@ -282,8 +281,9 @@ class Store:
                     break
                 missing.append(commit_id)
         # Oldest first, so an expert is recorded against the commit that introduced it.
-        for commit_id in sorted(missing, key=lambda c: (self.read_commit(c).time, c)):
-            self._index_commit(commit_id, self.read_commit(commit_id))
+        commits = {commit_id: self.read_commit(commit_id) for commit_id in missing}
+        for commit_id in sorted(missing, key=lambda c: (commits[c].time, c)):
+            self._index_commit(commit_id, commits[commit_id])
         idx.set_refs(db, self.all_refs())
         return len(missing)
 
