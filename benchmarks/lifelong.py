@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--plan", default="cluster")
     parser.add_argument("--layer", type=int, default=18)
-    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--key-layer", type=int, default=None, help="default: the engine's (~20%% depth)")
+    parser.add_argument("--threshold", type=float, default=EditConfig.threshold)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lifelong.json"))
     args = parser.parse_args()
@@ -79,7 +80,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     skipped: list[str] = []
     facts = load_facts(args.data, skipped=skipped)
-    config = EditConfig(layer=args.layer, threshold=args.threshold, batch_size=args.batch_size, plan=args.plan,
+    config = EditConfig(layer=args.layer, key_layer=args.key_layer, threshold=args.threshold, batch_size=args.batch_size, plan=args.plan,
                         anchor_rephrases=False, locality_regulariser=False)
     rows = []
     print(f"{args.data}: {len(facts)} facts ({len(skipped)} invalid records skipped); {config}")

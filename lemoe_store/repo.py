@@ -84,7 +84,7 @@ class Repo(HistoryMixin):
         base, _ = models.load_model(model, device="cpu")
         layers = len(decoder_layers(base))
         config = EditConfig(layer=layer, **edit)
-        config.layer = config.resolved_layer(layers)
+        config.layer, config.key_layer = config.resolved_layer(layers), config.resolved_key_layer(layers)
         base_model = {
             "id": source.model_id,
             "fingerprint": models.fingerprint(source.path),
@@ -355,6 +355,7 @@ class Repo(HistoryMixin):
             "model": self.store.config["base_model"]["id"],
             "fingerprint": self.store.config["base_model"]["fingerprint"],
             "layer": self.config.layer,
+            "key_layer": self.config.key_layer,
             "branch": branch,
             "head": cid,
             "experts_active": len(tree),

@@ -141,6 +141,60 @@ def test_attach_restores_a_version_from_artifacts(llama):
     assert not torch.equal(edited, base)
 
 
+def test_keys_are_read_at_the_key_layer(llama):
+    model, tokenizer = llama
+    prompts = [f.prompt for f in tiny_facts()[:3]]
+    editor = Editor(model, tokenizer, EditConfig(**{**CONFIG, "key_layer": 1}))
+    assert editor.adaptor.key_layer == 1 and editor.adaptor.layer == 2
+    recorded = []
+    key_mlp = model.model.layers[1].mlp
+    handle = key_mlp.register_forward_pre_hook(lambda _m, args: recorded.append(args[0]))
+    try:
+        keys = torch.cat([editor.keys([prompt]) for prompt in prompts])  # one at a time: no padding
+    finally:
+        handle.remove()
+    for prompt, key, x in zip(prompts, keys, recorded):
+        assert x.shape[1] == len(encode_prompt(tokenizer, prompt))
+        assert torch.allclose(key, torch.nn.functional.normalize(x[0, 1:].mean(dim=0), dim=0), atol=1e-6)
+    keys_at_adaptor = Editor(model, tokenizer, EditConfig(**{**CONFIG, "key_layer": 2})).keys(prompts)
+    assert not torch.allclose(keys, keys_at_adaptor)
+
+
+def test_settings_saved_before_key_layers_keep_keys_at_the_adaptor_layer():
+    saved = {k: v for k, v in EditConfig(layer=18, threshold=0.9).to_dict().items() if k != "key_layer"}
+    assert EditConfig.from_dict(saved).resolved_key_layer(30) == 18
+    assert EditConfig(layer=18).resolved_key_layer(30) == 6
+    with pytest.raises(ValueError, match="key layer"):
+        EditConfig(layer=2, key_layer=3).resolved_key_layer(4)
+
+
+def test_paper_routing_learns_its_batches_and_restores_from_artifacts(llama):
+    model, tokenizer = llama
+    facts = tiny_facts()
+    config = EditConfig(**{**CONFIG, "routing": "kv-anchor-paper"})
+    editor = Editor(model, tokenizer, config)
+    first = editor.edit(facts[:6])
+    snapshot = {k: v.clone() for k, v in editor.adaptor.experts[0].state_dict().items()}
+    second = editor.edit(facts[6:])
+    assert all(torch.equal(v, snapshot[k]) for k, v in editor.adaptor.experts[0].state_dict().items())
+    assert set(second.weights) == set(first.weights) and "router.query" in first.weights
+    assert not torch.equal(first.weights["router.query"], second.weights["router.query"])  # the projection learns
+    assert evaluate(model, tokenizer, facts[6:]).rel == 1.0
+    routed = [_route(model, tokenizer, f.prompt) for f in facts[6:]]
+    assert routed == [1] * len(routed)
+    unrelated = _route(model, tokenizer, "What is the name of the last episode?")
+    assert unrelated in (0, 1)  # the paper's router has no "none"
+    edited = _logits(model, tokenizer, facts[-1].prompt)
+    detach(model)
+    attach(model, [first, second], config)
+    assert torch.equal(_logits(model, tokenizer, facts[-1].prompt), edited)
+
+
+def _route(model, tokenizer, prompt: str) -> int:
+    _logits(model, tokenizer, prompt)
+    return find_adaptor(model).last_routes[0].expert
+
+
 @pytest.mark.parametrize("order", ["cluster", "original", "random", "reverse"])
 def test_plan_is_a_deterministic_permutation_in_batches(order):
     keys = torch.randn(23, 16, generator=torch.Generator().manual_seed(1))

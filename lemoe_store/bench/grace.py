@@ -112,7 +112,7 @@ class Grace(Method):
         book.training_values = (first_new, values)
         entries = torch.arange(first_new, len(book.keys), device=values.device)
         data = TrainingBatch.of_facts(self.tokenizer, trained, model_device(self.model))
-        with book.forced(entries, data.ids.shape[1] - 1 - (data.labels != -100).sum(dim=1)):
+        with book.forced(RoutingDecision(entries, data.ids.shape[1] - 1 - (data.labels != -100).sum(dim=1))):
             train_answers(self.model, data, [values], self.settings, lr=self.lr)
         book.values = torch.cat([book.values[:first_new], values.detach()])
         book.training_values = None

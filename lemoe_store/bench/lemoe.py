@@ -1,5 +1,6 @@
 """LEMoE itself in the benchmark: the engine's `Editor`, one frozen expert per batch, KV anchor routing,
-with (`lemoe`) or without (`lemoe-no-plan`) clustering-based order planning."""
+with (`lemoe`) or without (`lemoe-no-plan`) clustering-based order planning, or with the paper's own
+routing (`lemoe-kv-paper`: one learned key per expert, a learned query projection, top-1)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ class Lemoe(Method):
     name = "lemoe"
     plans_order = True
     planner = "cluster"
+    routing = "kv-anchor"
 
     def __init__(self, model, tokenizer, settings: BenchSettings) -> None:
         super().__init__(model, tokenizer, settings)
         # Rephrases and locality prompts are held-out evaluation data here: never trained, never anchors.
         self.config = EditConfig(layer=settings.layer, max_steps=settings.max_steps, loss_floor=settings.loss_floor,
-                                 seed=settings.seed, plan=self.planner, anchor_rephrases=False,
+                                 seed=settings.seed, plan=self.planner, routing=self.routing, anchor_rephrases=False,
                                  locality_regulariser=False)
         self.editor = Editor(model, tokenizer, self.config)
 
@@ -39,3 +41,10 @@ class LemoeNoPlan(Lemoe):
     name = "lemoe-no-plan"
     plans_order = False
     planner = "original"
+
+
+class LemoePaperRouting(Lemoe):
+    """Ablation: the LEMoE paper's KV anchor routing instead of ours (per-fact anchors and a threshold)."""
+
+    name = "lemoe-kv-paper"
+    routing = "kv-anchor-paper"

@@ -21,13 +21,14 @@ from ..schemas.facts import Fact
 from .base import BenchSettings, Method
 from .ftl import FineTuneLayer
 from .grace import Grace
-from .lemoe import Lemoe, LemoeNoPlan
+from .lemoe import Lemoe, LemoeNoPlan, LemoePaperRouting
 from .moe import LearnedRouterFrozenExperts, LearnedRouterMoE
 from .wise import Wise
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (Lemoe, FineTuneLayer, Grace, Wise, LearnedRouterMoE, LemoeNoPlan, LearnedRouterFrozenExperts)
+    for cls in (Lemoe, FineTuneLayer, Grace, Wise, LearnedRouterMoE, LemoeNoPlan, LearnedRouterFrozenExperts,
+                LemoePaperRouting)
 }
 DEFAULT_METHODS = ("lemoe", "ft-l", "grace", "wise", "moe")
 

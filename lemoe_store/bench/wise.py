@@ -166,7 +166,7 @@ class Wise(Method):
                 memory.shard.clamp_(-NORM_CONSTRAINT, NORM_CONSTRAINT)
 
         everyone = torch.zeros(len(pairs) + len(unrelated), dtype=torch.long, device=data.ids.device)
-        with memory.forced(everyone, torch.zeros_like(everyone)):
+        with memory.forced(RoutingDecision(everyone, torch.zeros_like(everyone))):
             train_answers(self.model, data, [memory.shard], self.settings, lr=self.lr, optimizer="sgd",
                           extra_loss=margin_loss, before_step=mask_gradient, after_step=constrain, rows=edits)
         with torch.no_grad(), memory.teacher_forcing(data.prompt_lengths[:edits]):

@@ -29,12 +29,14 @@ def init(
     path: Annotated[Path, typer.Argument(help="Directory to create the store in (.lemoe inside).")] = Path("."),
     model: Annotated[str, typer.Option(help="Embedded model name or a local HF model directory.")] = models.DEFAULT_MODEL,
     layer: Annotated[int | None, typer.Option(help="Decoder layer for the adaptor (default: ~60% depth).")] = None,
-    threshold: Annotated[float, typer.Option(help="Routing threshold tau (cosine similarity).")] = 0.9,
+    key_layer: Annotated[int | None, typer.Option(help="Decoder layer whose MLP input gives the routing keys "
+                                                   "(default: ~20% depth).")] = None,
+    threshold: Annotated[float, typer.Option(help="Routing threshold tau (cosine similarity).")] = 0.8,
     rank: Annotated[int, typer.Option(help="Hidden width of each expert.")] = 64,
     json_: JsonOption = False,
 ) -> None:
     """Create an empty store for a base model; records its fingerprint."""
-    repo = Repo.init(path, model=model, layer=layer, threshold=threshold, rank=rank,
+    repo = Repo.init(path, model=model, layer=layer, key_layer=key_layer, threshold=threshold, rank=rank,
                      progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     info = repo.status()
     if json_:

@@ -2,7 +2,8 @@
 
     h = MLP(x) + scale * E_r(x)      for the expert r the query is routed to, from the last prompt token on
 
-Routing happens once per sequence, at prefill, from the prompt's key (see `routing.py`); generated tokens
+Routing happens once per sequence, at prefill, from the prompt's key (see `routing.py`; the key is read at
+the input of an earlier layer's MLP, `key_layer`, recorded by a hook as the prefill passes); generated tokens
 reuse that decision, so KV-cache generation routes exactly like a full forward. Rows routed to no expert
 get the base MLP output untouched (bit-identical logits), and so do all positions before the last prompt
 token, which leaves the prompt's K/V cache identical to the base model's at every layer.
@@ -18,8 +19,9 @@ import torch
 from torch import nn
 
 from .config import EditConfig
-from .routing import NO_EXPERT, AnchorIndex, Route, prompt_keys
+from .routing import NO_EXPERT, AnchorIndex, PaperRouter, Route, prompt_keys
 
+ROUTER_PREFIX = "router."  # artifact weights of the paper's routing (its expert key, the query projection)
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _LAYER_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.layers")
 
@@ -88,23 +90,33 @@ def _mlp_name(layer: nn.Module) -> str:
 class LemoeAdaptor(nn.Module):
     """Wraps one MLP; holds the frozen experts, their anchor index and the per-sequence routing."""
 
-    def __init__(self, base: nn.Module, hidden: int, config: EditConfig, layer: int) -> None:
+    def __init__(self, base: nn.Module, hidden: int, config: EditConfig, layer: int, key_layer: int | None = None) -> None:
         super().__init__()
         self.base = base
         self.hidden = hidden
         self.layer = layer
+        self.key_layer = layer if key_layer is None else key_layer
         self.config = config
         self.experts = nn.ModuleList()
-        self.anchors = AnchorIndex(hidden, config.threshold)
+        self.anchors = AnchorIndex(hidden, config.threshold)  # kept in both routings: blame searches it
         self.anchor_facts: list[str] = []
+        self.paper_router = self._paper_router() if config.routing == "kv-anchor-paper" else None
         self.last_keys: torch.Tensor | None = None
         self.last_routes: list[Route] = []
         self._prefill: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._decision: RoutingDecision | None = None
         self._forced: RoutingDecision | None = None
         self._prompt_lengths: torch.Tensor | None = None
+        self._key_input: torch.Tensor | None = None
         self._bypass = False
-        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _paper_router(self) -> PaperRouter:
+        router = PaperRouter(self.hidden, self.config.rank)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        with torch.no_grad():
+            router.query.weight.copy_(torch.randn(router.query.weight.shape, generator=generator) / self.hidden**0.5)
+        return router.to(self.base_parameter().device).requires_grad_(False)
 
     # -- experts -----------------------------------------------------------------------------------
     def add_expert(self, artifact: ExpertArtifact | None = None, rank: int | None = None) -> int:
@@ -113,9 +125,14 @@ class LemoeAdaptor(nn.Module):
         expert = Expert(self.hidden, artifact.rank if artifact else (rank or self.config.rank))
         expert.to(device=reference.device, dtype=reference.dtype)
         if artifact is not None:
-            expert.load_state_dict({k: v.to(reference.dtype) for k, v in artifact.weights.items()})
+            weights = {k: v for k, v in artifact.weights.items() if not k.startswith(ROUTER_PREFIX)}
+            expert.load_state_dict({k: v.to(reference.dtype) for k, v in weights.items()})
             expert.requires_grad_(False)
             self.add_anchors(artifact.anchors, len(self.experts), artifact.anchor_facts)
+            if self.paper_router is not None:  # the newest artifact carries the projection as it was trained
+                self.paper_router.add_key(artifact.weights[f"{ROUTER_PREFIX}key"].to(reference.device))
+                with torch.no_grad():
+                    self.paper_router.query.weight.copy_(artifact.weights[f"{ROUTER_PREFIX}query"])
         self.experts.append(expert)
         return len(self.experts) - 1
 
@@ -133,6 +150,11 @@ class LemoeAdaptor(nn.Module):
     def continue_sequence(self) -> None:
         self._prefill = None
 
+    def record_key_input(self, x: torch.Tensor) -> None:
+        """Called with the key layer's MLP input on every forward; kept only at prefill."""
+        if self._prefill is not None and not self._bypass:
+            self._key_input = x
+
     @contextmanager
     def teacher_forcing(self, prompt_lengths: torch.Tensor) -> Iterator[None]:
         """Within: inputs are prompt + answer; route on the first `prompt_lengths[i]` real tokens of row i."""
@@ -143,9 +165,9 @@ class LemoeAdaptor(nn.Module):
             self._prompt_lengths = None
 
     @contextmanager
-    def forced(self, experts: torch.Tensor, start: torch.Tensor) -> Iterator[None]:
-        """Within: apply the given expert per row from `start` on, bypassing the key lookup (training)."""
-        self._forced = RoutingDecision(experts, start)
+    def forced(self, decision: RoutingDecision) -> Iterator[None]:
+        """Within: route as `decision` says, bypassing the key lookup (training)."""
+        self._forced = decision
         try:
             yield
         finally:
@@ -172,7 +194,14 @@ class LemoeAdaptor(nn.Module):
 
     def _route_prefill(self, x: torch.Tensor) -> RoutingDecision:
         prompt_mask, last_prompt_token = self.prompt_layout()
-        self.last_keys = prompt_keys(x, prompt_mask)
+        key_input, self._key_input = (x if self.key_layer == self.layer else self._key_input), None
+        if key_input is None or key_input.shape[:2] != x.shape[:2]:
+            raise RuntimeError(f"no input of key layer {self.key_layer} was recorded for this prefill")
+        self.last_keys = prompt_keys(key_input, prompt_mask)
+        if self.paper_router is not None and len(self.paper_router.keys):
+            gates, experts = torch.softmax(self.paper_router.logits(self.last_keys), dim=-1).max(dim=-1)
+            self.last_routes = [Route(int(e), float(g), -1) for e, g in zip(experts, gates)]
+            return RoutingDecision(experts.to(x.device), last_prompt_token, gates.to(x.device))
         self.last_routes = self.anchors.route(self.last_keys)
         experts = torch.tensor([r.expert for r in self.last_routes], device=x.device, dtype=torch.long)
         return RoutingDecision(experts, last_prompt_token)
@@ -231,8 +260,9 @@ def find_adaptor(model: nn.Module) -> LemoeAdaptor | None:
 
 def attach(model: nn.Module, experts: list[ExpertArtifact], config: EditConfig) -> LemoeAdaptor:
     """Insert a LEMoE adaptor (replacing any earlier one) holding exactly `experts`, in order, frozen."""
-    layer_index = config.resolved_layer(len(decoder_layers(model)))
-    adaptor = insert(model, lambda mlp, hidden: LemoeAdaptor(mlp, hidden, config, layer_index), layer_index)
+    count = len(decoder_layers(model))
+    layer_index, key_layer = config.resolved_layer(count), config.resolved_key_layer(count)
+    adaptor = insert(model, lambda mlp, hidden: LemoeAdaptor(mlp, hidden, config, layer_index, key_layer), layer_index)
     for artifact in experts:
         adaptor.add_expert(artifact)
     return adaptor
@@ -245,7 +275,10 @@ def insert(model: nn.Module, make: Callable[[nn.Module, int], LemoeAdaptor], lay
     name = _mlp_name(layer)
     adaptor = make(getattr(layer, name), model.get_input_embeddings().weight.shape[1])
     setattr(layer, name, adaptor)
-    adaptor._hook = model.register_forward_pre_hook(_before_model_forward(adaptor), with_kwargs=True)
+    adaptor._hooks.append(model.register_forward_pre_hook(_before_model_forward(adaptor), with_kwargs=True))
+    if adaptor.key_layer != layer_index:
+        key_mlp = mlp_of(decoder_layers(model)[adaptor.key_layer])
+        adaptor._hooks.append(key_mlp.register_forward_pre_hook(lambda _m, args: adaptor.record_key_input(args[0])))
     return adaptor
 
 
@@ -256,5 +289,6 @@ def detach(model: nn.Module) -> None:
         return
     layer = decoder_layers(model)[adaptor.layer]
     setattr(layer, _mlp_name(layer), adaptor.base)
-    if adaptor._hook is not None:
-        adaptor._hook.remove()
+    for hook in adaptor._hooks:
+        hook.remove()
+    adaptor._hooks.clear()

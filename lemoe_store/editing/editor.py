@@ -19,7 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..schemas.facts import Fact
-from .adaptor import ExpertArtifact, LemoeAdaptor, attach, decoder_layers
+from .adaptor import ROUTER_PREFIX, ExpertArtifact, LemoeAdaptor, RoutingDecision, attach, decoder_layers
 from .batching import Pair, encode_pair, left_pad, model_device, positions, routing_keys, teacher_forced_predictions
 from .config import EditConfig
 from .routing import NO_EXPERT
@@ -121,16 +121,28 @@ class Editor:
         anchor_facts = [r.fact_id for r in rows if r.anchor]
         self.adaptor.add_expert(rank=self.config.rank)
         self.adaptor.add_anchors(anchors, expert_index, anchor_facts)
-        # Train exactly the prompts that inference will route to this expert.
-        routes = self.adaptor.anchors.route(keys.to(self.device))
-        trained = torch.tensor([r.expert == expert_index for r in routes], device=self.device)
+        router = self.adaptor.paper_router
+        if router is None:
+            # Train exactly the prompts that inference will route to this expert.
+            routes = self.adaptor.anchors.route(keys.to(self.device))
+            trained = torch.tensor([r.expert == expert_index for r in routes], device=self.device)
+        else:
+            # The paper's routing is learned: the batch's prompts are trained to route to the new expert.
+            router.add_key(router.queries(anchors).mean(dim=0))
+            trained = is_anchor.to(self.device)
         expert = self.adaptor.experts[expert_index]
-        expert.requires_grad_(True)
+        trainable = [expert] if router is None else [expert, router.keys[expert_index], router.query]
+        for module in trainable:
+            module.requires_grad_(True)
         try:
-            steps, loss = self._train(expert, rows, prompt_mask, prefix, trained, expert_index, on_step)
+            steps, loss = self._train(expert, rows, prompt_mask, prefix, trained, expert_index, keys, on_step)
         finally:
-            expert.requires_grad_(False)
+            for module in trainable:
+                module.requires_grad_(False)
         weights = {k: v.detach().to("cpu", torch.float32).clone() for k, v in expert.state_dict().items()}
+        if router is not None:
+            weights[f"{ROUTER_PREFIX}key"] = router.keys[expert_index].detach().cpu().float().clone()
+            weights[f"{ROUTER_PREFIX}query"] = router.query.weight.detach().cpu().float().clone()
         stats = {
             "steps": steps,
             "loss": round(loss, 6),
@@ -151,7 +163,7 @@ class Editor:
             base = teacher_forced_predictions(self.model, self.tokenizer, [p for _, p in pairs])
         return [_Row(fid, pair, False, labels) for (fid, pair), labels in zip(pairs, base)]
 
-    def _train(self, expert, rows, prompt_mask, prefix, trained, expert_index, on_step) -> tuple[int, float]:
+    def _train(self, expert, rows, prompt_mask, prefix, trained, expert_index, keys, on_step) -> tuple[int, float]:
         device, pad = self.device, self.tokenizer.pad_token_id
         width = max(len(r.pair.answer) for r in rows)
         inputs = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -169,7 +181,12 @@ class Editor:
         chunk_positions = prompt_lengths[:, None] - 1 + torch.arange(width, device=device)[None, :]
         route = torch.where(trained, expert_index, NO_EXPERT)
         start = torch.zeros(len(rows), dtype=torch.long, device=device)
-        optimizer = torch.optim.Adam(expert.parameters(), lr=self.config.lr)
+        router = self.adaptor.paper_router
+        parameters = list(expert.parameters())
+        if router is not None:
+            parameters += [router.keys[expert_index], router.query.weight]
+            keys = keys.to(device)
+        optimizer = torch.optim.Adam(parameters, lr=self.config.lr)
         counted = labels != -100
         loss_value = float("nan")
         if not bool(counted.any()):
@@ -179,9 +196,15 @@ class Editor:
         lm_head = self.model.get_output_embeddings()
         targets = labels[counted]
 
-        def forward() -> torch.Tensor:
+        def forward() -> tuple[torch.Tensor, torch.Tensor]:
+            """Logits at the target positions, and the loss of routing (zero under anchor routing)."""
+            decision, routing_loss = RoutingDecision(route, start), torch.zeros((), device=device)
+            if router is not None:  # the routed expert's output is weighted by its softmax probability
+                router_logits = router.logits(keys)
+                decision.weights = torch.softmax(router_logits, dim=-1)[:, expert_index]
+                routing_loss = torch.nn.functional.cross_entropy(router_logits[trained], route[trained])
             cache = DynamicCache(ddp_cache_data=prefix, config=self.model.config)
-            with self.adaptor.forced(route, start):
+            with self.adaptor.forced(decision):
                 hidden = self.model.base_model(
                     input_ids=inputs,
                     attention_mask=attention,
@@ -189,16 +212,16 @@ class Editor:
                     cache=cache,
                     use_cache=True,
                 ).last_hidden_state
-            return lm_head(hidden[counted])
+            return lm_head(hidden[counted]), routing_loss
 
         recorded: list[torch.Tensor] = []
         with recording_input(decoder_layers(self.model)[self.adaptor.layer], recorded):
-            logits = forward()
+            logits, routing_loss = forward()
         with lower_layers_replayed(self.model, self.adaptor.layer, recorded[0]):
             for step in range(1, self.config.max_steps + 1):
                 if step > 1:
-                    logits = forward()
-                loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+                    logits, routing_loss = forward()
+                loss = torch.nn.functional.cross_entropy(logits.float(), targets) + routing_loss
                 loss_value = loss.item()
                 if on_step:
                     on_step(step, loss_value)

@@ -1,5 +1,8 @@
 """KV anchor routing: query keys are matched against the anchor keys of every expert with FAISS.
 
+(`PaperRouter`, at the end, is the LEMoE paper's own variant, kept for the ablation: one learned key per
+expert, a learned query projection, top-1 softmax and no "none" choice.)
+
 A key is the mean, over the prompt tokens (the first token left out: Llama-family models park huge
 activations there, which makes every prompt look alike), of the MLP input at the adaptor layer, L2-normalised.
 The nearest anchor by cosine similarity decides the expert; below the threshold no expert is applied.
@@ -74,3 +77,30 @@ class AnchorIndex:
             expert, anchor = max(tied)
             routes.append(Route(int(expert) if best >= self.threshold else NO_EXPERT, float(best), int(anchor)))
         return routes
+
+
+class PaperRouter(torch.nn.Module):
+    """The LEMoE paper's KV anchor routing: the query is a learned projection of the prompt's pooled key,
+    every expert owns one learned key vector, and the top-1 softmax over scaled cosine similarities picks
+    the expert (its probability weights the expert's output). Training an expert trains its key and the
+    shared projection; earlier keys stay frozen. Every query goes to some expert once one exists."""
+
+    temperature = 0.1  # cosine similarities in [-1, 1] -> logits in [-10, 10]
+
+    def __init__(self, hidden: int, dim: int) -> None:
+        super().__init__()
+        self.query = torch.nn.Linear(hidden, dim, bias=False)
+        self.keys = torch.nn.ParameterList()
+
+    def add_key(self, key: torch.Tensor) -> int:
+        self.keys.append(torch.nn.Parameter(key.detach().clone(), requires_grad=False))
+        return len(self.keys) - 1
+
+    def queries(self, keys: torch.Tensor) -> torch.Tensor:
+        weight = self.query.weight
+        return torch.nn.functional.normalize(self.query(keys.to(weight.device, weight.dtype)), dim=-1)
+
+    def logits(self, keys: torch.Tensor) -> torch.Tensor:
+        """(B, experts) routing logits of prompt keys (B, H)."""
+        expert_keys = torch.nn.functional.normalize(torch.stack(list(self.keys)), dim=-1)
+        return self.queries(keys) @ expert_keys.T / self.temperature
