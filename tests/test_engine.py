@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -139,6 +141,19 @@ def test_attach_restores_a_version_from_artifacts(llama):
     attach(model, [artifact], config)
     assert torch.equal(_logits(model, tokenizer, facts[0].prompt), edited)
     assert not torch.equal(edited, base)
+
+
+def test_experts_saved_before_the_key_projection_load_as_a_zero_projection(llama):
+    model, tokenizer = llama
+    facts = tiny_facts()[:6]
+    config = EditConfig(**CONFIG)
+    artifact = Editor(model, tokenizer, config).edit(facts)
+    zeroed = replace(artifact, weights={**artifact.weights, "key.weight": torch.zeros_like(artifact.weights["key.weight"])})
+    older = replace(artifact, weights={k: v for k, v in artifact.weights.items() if k != "key.weight"})
+    attach(model, [zeroed], config)
+    expected = _logits(model, tokenizer, facts[0].prompt)
+    attach(model, [older], config)
+    assert torch.equal(_logits(model, tokenizer, facts[0].prompt), expected)
 
 
 def test_keys_are_read_at_the_key_layer(llama):

@@ -45,7 +45,7 @@ class RoutedByRouter(LemoeAdaptor):
         self.last_keys = prompt_keys(x, prompt_mask)
         self.router_logits = self.last_keys @ torch.stack(list(self.router)).T * self.hidden**0.5
         gates, experts = torch.softmax(self.router_logits, dim=-1).max(dim=-1)
-        return RoutingDecision(experts, last_prompt_token, gates)
+        return RoutingDecision(experts, last_prompt_token, gates, self.last_keys)
 
 
 class LearnedRouterMoE(Method):

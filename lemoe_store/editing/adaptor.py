@@ -27,17 +27,27 @@ _LAYER_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_ne
 
 
 class Expert(nn.Module):
-    """A small gated FFN (hidden -> rank -> hidden); its output projection starts at zero."""
+    """A small gated FFN (hidden -> rank -> hidden) whose gate also reads the prompt's routing key; its
+    output projection starts at zero.
+
+    Why the key: an expert holds a batch of similar facts (order planning makes them so), and a rephrase
+    routed to the right expert most often failed by answering with a batch-mate's target — the hidden
+    state at the answer positions says what kind of question it is, not which fact. The pooled routing
+    key is what identifies the fact across rephrasings (that is why it routes well), so the gate sees it.
+    """
 
     def __init__(self, hidden: int, rank: int) -> None:
         super().__init__()
         self.gate = nn.Linear(hidden, rank, bias=False)
         self.up = nn.Linear(hidden, rank, bias=False)
+        self.key = nn.Linear(hidden, rank, bias=False)
         self.down = nn.Linear(rank, hidden, bias=False)
         nn.init.zeros_(self.down.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+    def forward(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, H) MLP inputs; keys: (B, H) unit routing keys of the rows' prompts."""
+        key_term = self.key(keys.to(x.dtype) * keys.shape[-1] ** 0.5)  # unit keys -> per-coordinate scale ~1
+        return self.down(nn.functional.silu(self.gate(x) + key_term[:, None, :]) * self.up(x))
 
 
 @dataclass
@@ -59,6 +69,7 @@ class RoutingDecision:
     experts: torch.Tensor  # (B,) expert index per row, NO_EXPERT for none
     start: torch.Tensor  # (B,) first position of the current input chunk the expert applies to
     weights: torch.Tensor | None = None  # (B,) gate per row (a learned router's); None: the expert's full output
+    keys: torch.Tensor | None = None  # (B, H) the rows' routing keys, which experts read
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -126,6 +137,8 @@ class LemoeAdaptor(nn.Module):
         expert.to(device=reference.device, dtype=reference.dtype)
         if artifact is not None:
             weights = {k: v for k, v in artifact.weights.items() if not k.startswith(ROUTER_PREFIX)}
+            # Experts saved before the gate read the key: a zero key projection is exactly that expert.
+            weights.setdefault("key.weight", torch.zeros_like(weights["gate.weight"]))
             expert.load_state_dict({k: v.to(reference.dtype) for k, v in weights.items()})
             expert.requires_grad_(False)
             self.add_anchors(artifact.anchors, len(self.experts), artifact.anchor_facts)
@@ -201,10 +214,10 @@ class LemoeAdaptor(nn.Module):
         if self.paper_router is not None and len(self.paper_router.keys):
             gates, experts = torch.softmax(self.paper_router.logits(self.last_keys), dim=-1).max(dim=-1)
             self.last_routes = [Route(int(e), float(g), -1) for e, g in zip(experts, gates)]
-            return RoutingDecision(experts.to(x.device), last_prompt_token, gates.to(x.device))
+            return RoutingDecision(experts.to(x.device), last_prompt_token, gates.to(x.device), self.last_keys)
         self.last_routes = self.anchors.route(self.last_keys)
         experts = torch.tensor([r.expert for r in self.last_routes], device=x.device, dtype=torch.long)
-        return RoutingDecision(experts, last_prompt_token)
+        return RoutingDecision(experts, last_prompt_token, keys=self.last_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -230,7 +243,7 @@ class LemoeAdaptor(nn.Module):
         for expert in torch.unique(decision.experts[routed]).tolist():
             rows = (decision.experts == expert).nonzero().squeeze(1)
             active = (positions[None, :] >= decision.start[rows][:, None]).unsqueeze(-1)
-            delta = self.config.scale * self.experts[expert](x[rows])
+            delta = self.config.scale * self.experts[expert](x[rows], decision.keys[rows].to(x.device))
             if decision.weights is not None:
                 delta = delta * decision.weights[rows].to(delta.dtype)[:, None, None]
             result[rows] = torch.where(active, out[rows] + delta, out[rows])

@@ -183,9 +183,9 @@ class Editor:
         start = torch.zeros(len(rows), dtype=torch.long, device=device)
         router = self.adaptor.paper_router
         parameters = list(expert.parameters())
+        keys = keys.to(device)
         if router is not None:
             parameters += [router.keys[expert_index], router.query.weight]
-            keys = keys.to(device)
         optimizer = torch.optim.Adam(parameters, lr=self.config.lr)
         counted = labels != -100
         loss_value = float("nan")
@@ -198,7 +198,7 @@ class Editor:
 
         def forward() -> tuple[torch.Tensor, torch.Tensor]:
             """Logits at the target positions, and the loss of routing (zero under anchor routing)."""
-            decision, routing_loss = RoutingDecision(route, start), torch.zeros((), device=device)
+            decision, routing_loss = RoutingDecision(route, start, keys=keys), torch.zeros((), device=device)
             if router is not None:  # the routed expert's output is weighted by its softmax probability
                 router_logits = router.logits(keys)
                 decision.weights = torch.softmax(router_logits, dim=-1)[:, expert_index]
