@@ -210,7 +210,7 @@ def _route(model, tokenizer, prompt: str) -> int:
     return find_adaptor(model).last_routes[0].expert
 
 
-@pytest.mark.parametrize("order", ["cluster", "original", "random", "reverse"])
+@pytest.mark.parametrize("order", ["cluster", "subject", "original", "random", "reverse"])
 def test_plan_is_a_deterministic_permutation_in_batches(order):
     keys = torch.randn(23, 16, generator=torch.Generator().manual_seed(1))
     batches = plan(keys, 5, order, seed=3)
@@ -219,7 +219,7 @@ def test_plan_is_a_deterministic_permutation_in_batches(order):
     assert len(batches) == 5
     assert sorted(len(b) for b in batches) == [3, 5, 5, 5, 5]
     assert plan(keys, 5, order, seed=3) == batches
-    if order == "original":
+    if order in ("original", "subject"):  # no subjects given: subject order is the original order
         assert flat == list(range(23))
     if order == "reverse":
         assert flat == list(range(22, -1, -1))
@@ -237,6 +237,13 @@ def test_cluster_plan_keeps_labelled_groups_together():
     assert all(len(b) == 5 for b in batches)
     assert any({3, 17, 25, 29} <= set(b) for b in batches)
     assert any({0, 1} <= set(b) for b in batches)
+
+
+def test_subject_plan_keeps_the_order_and_pulls_a_subject_into_one_batch():
+    groups = [None] * 12
+    groups[1] = groups[7] = "same subject"
+    batches = plan(torch.zeros(12, 4), 5, "subject", groups=groups)
+    assert batches == [[0, 1, 7, 2, 3], [4, 5, 6, 8, 9], [10, 11]]
 
 
 def test_cluster_plan_groups_similar_facts():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 ROUTINGS = ("kv-anchor", "kv-anchor-paper")
-PLANS = ("cluster", "original", "random", "reverse")
+PLANS = ("cluster", "subject", "original", "random", "reverse")
 
 
 @dataclass
