@@ -80,8 +80,8 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     skipped: list[str] = []
     facts = load_facts(args.data, skipped=skipped)
-    config = EditConfig(layer=args.layer, key_layer=args.key_layer, threshold=args.threshold, batch_size=args.batch_size, plan=args.plan,
-                        anchor_rephrases=False, locality_regulariser=False)
+    config = EditConfig(layer=args.layer, key_layer=args.key_layer, threshold=args.threshold,
+                        batch_size=args.batch_size, plan=args.plan, anchor_rephrases=False, locality_regulariser=False)
     rows = []
     print(f"{args.data}: {len(facts)} facts ({len(skipped)} invalid records skipped); {config}")
     print("| T | Rel | Gen | Loc | mean | routed: rephrase | routed: loc→none | s/fact | bytes/fact | routed/base fwd |")

@@ -130,19 +130,19 @@ class Editor:
             # The paper's routing is learned: the batch's prompts are trained to route to the new expert.
             router.add_key(router.queries(anchors).mean(dim=0))
             trained = is_anchor.to(self.device)
-        expert = self.adaptor.experts[expert_index]
-        trainable = [expert] if router is None else [expert, router.keys[expert_index], router.query]
-        for module in trainable:
-            module.requires_grad_(True)
-        try:
-            steps, loss = self._train(expert, rows, prompt_mask, prefix, trained, expert_index, keys, on_step)
-        finally:
-            for module in trainable:
-                module.requires_grad_(False)
-        weights = {k: v.detach().to("cpu", torch.float32).clone() for k, v in expert.state_dict().items()}
+        trained_weights = dict(self.adaptor.experts[expert_index].named_parameters())
         if router is not None:
-            weights[f"{ROUTER_PREFIX}key"] = router.keys[expert_index].detach().cpu().float().clone()
-            weights[f"{ROUTER_PREFIX}query"] = router.query.weight.detach().cpu().float().clone()
+            trained_weights |= {f"{ROUTER_PREFIX}key": router.keys[expert_index],
+                                f"{ROUTER_PREFIX}query": router.query.weight}
+        parameters = list(trained_weights.values())
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        try:
+            steps, loss = self._train(parameters, rows, prompt_mask, prefix, trained, expert_index, keys, on_step)
+        finally:
+            for parameter in parameters:
+                parameter.requires_grad_(False)
+        weights = {k: v.detach().to("cpu", torch.float32).clone() for k, v in trained_weights.items()}
         stats = {
             "steps": steps,
             "loss": round(loss, 6),
@@ -163,7 +163,7 @@ class Editor:
             base = teacher_forced_predictions(self.model, self.tokenizer, [p for _, p in pairs])
         return [_Row(fid, pair, False, labels) for (fid, pair), labels in zip(pairs, base)]
 
-    def _train(self, expert, rows, prompt_mask, prefix, trained, expert_index, keys, on_step) -> tuple[int, float]:
+    def _train(self, parameters, rows, prompt_mask, prefix, trained, expert_index, keys, on_step) -> tuple[int, float]:
         device, pad = self.device, self.tokenizer.pad_token_id
         width = max(len(r.pair.answer) for r in rows)
         inputs = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -182,10 +182,7 @@ class Editor:
         route = torch.where(trained, expert_index, NO_EXPERT)
         start = torch.zeros(len(rows), dtype=torch.long, device=device)
         router = self.adaptor.paper_router
-        parameters = list(expert.parameters())
         keys = keys.to(device)
-        if router is not None:
-            parameters += [router.keys[expert_index], router.query.weight]
         optimizer = torch.optim.Adam(parameters, lr=self.config.lr)
         counted = labels != -100
         loss_value = float("nan")

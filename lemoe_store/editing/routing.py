@@ -4,7 +4,8 @@
 expert, a learned query projection, top-1 softmax and no "none" choice.)
 
 A key is the mean, over the prompt tokens (the first token left out: Llama-family models park huge
-activations there, which makes every prompt look alike), of the MLP input at the adaptor layer, L2-normalised.
+activations there, which makes every prompt look alike), of the MLP input at the key layer (an early one, see
+`EditConfig.key_layer`), L2-normalised.
 The nearest anchor by cosine similarity decides the expert; below the threshold no expert is applied.
 """
 
@@ -92,9 +93,8 @@ class PaperRouter(torch.nn.Module):
         self.query = torch.nn.Linear(hidden, dim, bias=False)
         self.keys = torch.nn.ParameterList()
 
-    def add_key(self, key: torch.Tensor) -> int:
+    def add_key(self, key: torch.Tensor) -> None:
         self.keys.append(torch.nn.Parameter(key.detach().clone(), requires_grad=False))
-        return len(self.keys) - 1
 
     def queries(self, keys: torch.Tensor) -> torch.Tensor:
         weight = self.query.weight
