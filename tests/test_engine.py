@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_facts
 from lemoe_store.editing import EditConfig, Editor, attach, detach, evaluate, find_adaptor, plan
+from lemoe_store.editing.adaptor import RoutingDecision
 from lemoe_store.editing.batching import encode_pair, encode_prompt, teacher_forced_predictions
 from lemoe_store.editing.routing import NO_EXPERT
 from lemoe_store.models import load_model
@@ -116,6 +117,30 @@ def test_routing_is_the_same_in_full_forward_and_cached_generation(llama):
                 sequence.append(int(model(input_ids=full).logits[0, -1].argmax()))
         assert generated == sequence[len(prompt):]
         assert generated == answer
+
+
+def test_a_routed_query_reads_the_key_of_the_anchor_it_matched(llama):
+    """Experts are trained on their anchors' keys, so a rephrase hands its expert the matched anchor's key
+    (the one its fact was trained with), not its own."""
+    model, tokenizer = llama
+    facts = tiny_facts()[:6]
+    editor = Editor(model, tokenizer, EditConfig(**{**CONFIG, "threshold": 0.5}))
+    editor.edit(facts)
+    adaptor = editor.adaptor
+    rephrase = facts[0].rephrases[0]
+    routed = _logits(model, tokenizer, rephrase)
+    route = adaptor.last_routes[0]
+    assert route.expert == 0 and route.similarity < 0.999
+    matched_fact = next(f for f in facts if f.id == adaptor.anchor_facts[route.anchor])
+    prompt_length = len(encode_prompt(tokenizer, rephrase))
+
+    def forced_logits(key: torch.Tensor) -> torch.Tensor:
+        decision = RoutingDecision(torch.tensor([0]), torch.tensor([prompt_length - 1]), keys=key)
+        with adaptor.forced(decision):
+            return _logits(model, tokenizer, rephrase)
+
+    assert torch.allclose(forced_logits(editor.keys([matched_fact.prompt])), routed, atol=1e-6)
+    assert not torch.allclose(forced_logits(editor.keys([rephrase])), routed, atol=1e-4)
 
 
 def test_works_on_gpt2_layout(tiny_gpt2_dir):

@@ -33,7 +33,9 @@ class Expert(nn.Module):
     Why the key: an expert holds a batch of similar facts (order planning makes them so), and a rephrase
     routed to the right expert most often failed by answering with a batch-mate's target — the hidden
     state at the answer positions says what kind of question it is, not which fact. The pooled routing
-    key is what identifies the fact across rephrasings (that is why it routes well), so the gate sees it.
+    key is what identifies the fact across rephrasings (that is why it routes well), so the gate sees it —
+    and not the query's own key but the key of the anchor it matched: that is the key the fact was trained
+    with, so a rephrase that finds its fact's anchor gives the expert exactly its training input there.
     """
 
     def __init__(self, hidden: int, rank: int) -> None:
@@ -45,7 +47,7 @@ class Expert(nn.Module):
         nn.init.zeros_(self.down.weight)
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, H) MLP inputs; keys: (B, H) unit routing keys of the rows' prompts."""
+        """x: (B, T, H) MLP inputs; keys: (B, H) unit keys of the anchors the rows' prompts matched."""
         key_term = self.key(keys.to(x.dtype) * keys.shape[-1] ** 0.5)  # unit keys -> per-coordinate scale ~1
         return self.down(nn.functional.silu(self.gate(x) + key_term[:, None, :]) * self.up(x))
 
@@ -69,7 +71,7 @@ class RoutingDecision:
     experts: torch.Tensor  # (B,) expert index per row, NO_EXPERT for none
     start: torch.Tensor  # (B,) first position of the current input chunk the expert applies to
     weights: torch.Tensor | None = None  # (B,) gate per row (a learned router's); None: the expert's full output
-    keys: torch.Tensor | None = None  # (B, H) the rows' routing keys, which experts read
+    keys: torch.Tensor | None = None  # (B, H) the keys experts read: each row's matched anchor's (kv-anchor)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -217,7 +219,7 @@ class LemoeAdaptor(nn.Module):
             return RoutingDecision(experts.to(x.device), last_prompt_token, gates.to(x.device), self.last_keys)
         self.last_routes = self.anchors.route(self.last_keys)
         experts = torch.tensor([r.expert for r in self.last_routes], device=x.device, dtype=torch.long)
-        return RoutingDecision(experts, last_prompt_token, keys=self.last_keys)
+        return RoutingDecision(experts, last_prompt_token, keys=self.anchors.matched_keys(self.last_keys, self.last_routes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)

@@ -126,6 +126,7 @@ class Editor:
             # Train exactly the prompts that inference will route to this expert.
             routes = self.adaptor.anchors.route(keys.to(self.device))
             trained = torch.tensor([r.expert == expert_index for r in routes], device=self.device)
+            keys = self.adaptor.anchors.matched_keys(keys, routes)
         else:
             # The paper's routing is learned: the batch's prompts are trained to route to the new expert.
             router.add_key(router.queries(anchors).mean(dim=0))

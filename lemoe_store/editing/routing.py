@@ -67,6 +67,17 @@ class AnchorIndex:
         query = np.ascontiguousarray(keys.detach().cpu().float().numpy())
         return self.index.search(query, min(k, max(len(self), 1)))
 
+    def matched_keys(self, keys: torch.Tensor, routes: list[Route]) -> torch.Tensor:
+        """`keys` with each routed row's key replaced by the anchor key it matched (what its expert was
+        trained on); rows routed to no expert keep their own."""
+        rows = [i for i, r in enumerate(routes) if r.expert != NO_EXPERT]
+        if not rows:
+            return keys
+        stored = self.index.reconstruct_batch(np.array([routes[i].anchor for i in rows], dtype=np.int64))
+        matched = keys.clone()
+        matched[rows] = torch.from_numpy(stored).to(keys.device, keys.dtype)
+        return matched
+
     def route(self, keys: torch.Tensor) -> list[Route]:
         if len(self) == 0:
             return [Route(NO_EXPERT, float("-inf"), -1) for _ in range(keys.shape[0])]
