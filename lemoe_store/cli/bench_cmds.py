@@ -19,7 +19,7 @@ bench_app = typer.Typer(help="Benchmark LEMoE against prior editors on the same 
                         no_args_is_help=True)
 
 Methods = Annotated[str, typer.Option("--methods", help="Comma-separated: lemoe, ft-l, grace, wise, moe, "
-                                                        "lemoe-no-plan, lemoe-no-kv.")]
+                                                        "lemoe-no-plan, lemoe-no-kv, lemoe-kv-paper.")]
 Data = Annotated[Path, typer.Option("--data", help="ZsRE / CounterFact / native facts file.")]
 Irrelevant = Annotated[Path, typer.Option(
     "--irrelevant", help="Facts whose locality prompts WISE may train on as 'irrelevant' inputs (never edited).")]
