@@ -27,8 +27,8 @@ _LAYER_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_ne
 
 
 class Expert(nn.Module):
-    """A small gated FFN (hidden -> rank -> hidden) whose gate also reads the prompt's routing key; its
-    output projection starts at zero.
+    """A small gated FFN (hidden -> rank -> hidden) whose gate also reads a routing key (that of the anchor
+    the prompt matched); its output projection starts at zero.
 
     Why the key: an expert holds a batch of similar facts (order planning makes them so), and a rephrase
     routed to the right expert most often failed by answering with a batch-mate's target — the hidden
