@@ -56,7 +56,8 @@ def export_version(repo: Repo, rev: str, out_dir: str | Path, with_base: bool = 
         "edit": config.to_dict(),
         "experts": [
             {"index": i, "expert": entry.expert, "anchors": entry.anchors, "facts": entry.facts,
-             "rank": artifact.rank, "anchor_facts": artifact.anchor_facts}
+             "rank": artifact.rank, "anchor_facts": artifact.anchor_facts,
+             "anchor_spans": artifact.anchor_spans, "anchor_subjects": artifact.anchor_subjects}
             for i, (entry, artifact) in enumerate(zip(commit.tree, experts))
         ],
     }
@@ -111,7 +112,9 @@ def load_version(path: str | Path, rev: str | None = None, device: str = "auto")
         i = entry["index"]
         prefix = f"experts.{i}."
         expert_weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        artifacts.append(ExpertArtifact(expert_weights, anchors[f"anchors.{i}"], list(entry["anchor_facts"])))
+        artifacts.append(ExpertArtifact(expert_weights, anchors[f"anchors.{i}"], list(entry["anchor_facts"]),
+                                        anchor_spans=entry.get("anchor_spans"),
+                                        anchor_subjects=entry.get("anchor_subjects")))
     attach(model, artifacts, EditConfig.from_dict(manifest["edit"]))
     return model, tokenizer
 

@@ -58,7 +58,10 @@ class CommitPlan:
 
 def artifact_to_blobs(artifact: ExpertArtifact) -> tuple[bytes, bytes]:
     expert = pack(artifact.weights, {"rank": artifact.rank, "stats": artifact.stats})
-    anchors = pack({"keys": artifact.anchors.float()}, {"facts": artifact.anchor_facts})
+    meta = {"facts": artifact.anchor_facts}
+    if artifact.anchor_spans is not None:
+        meta |= {"spans": artifact.anchor_spans, "subjects": artifact.anchor_subjects}
+    anchors = pack({"keys": artifact.anchors.float()}, meta)
     return expert, anchors
 
 
@@ -128,7 +131,8 @@ class Repo(HistoryMixin):
         except CorruptObjectError as exc:
             users = self.store.commits_using({entry.expert, entry.anchors})
             raise CorruptObjectError(f"{exc}; used by commit(s) {', '.join(c[:12] for c in users)}") from None
-        return ExpertArtifact(weights, anchors["keys"], list(anchor_meta["facts"]), meta.get("stats", {}))
+        return ExpertArtifact(weights, anchors["keys"], list(anchor_meta["facts"]), meta.get("stats", {}),
+                              anchor_meta.get("spans"), anchor_meta.get("subjects"))
 
     def model_at(self, rev: str | None = None):
         """(model, tokenizer) with exactly the experts of `rev`'s tree attached (HEAD by default)."""
@@ -339,13 +343,14 @@ class Repo(HistoryMixin):
                 answer.commit = self.introducing_commit(entry.expert)
         return answer
 
-    def evaluate(self, facts: list[Fact] | None = None, rev: str | None = None) -> Scores:
+    def evaluate(self, facts: list[Fact] | None = None, rev: str | None = None, *, generate: bool = False) -> Scores:
+        """Teacher-forced Rel/Gen/Loc at a version; with `generate`, the free-generation metrics too."""
         cid = self._resolve_or_none(rev)
         facts = self.facts_at(cid) if facts is None else facts
         if not facts:
             raise StoreError("no facts to evaluate at this version")
         model, tokenizer = self.model_at(cid)
-        return evaluate(model, tokenizer, facts)
+        return evaluate(model, tokenizer, facts, generate=generate)
 
     def status(self) -> dict:
         branch, cid = self.store.head()

@@ -80,8 +80,12 @@ def test_run_grid_writes_results_and_plot(tiny, tmp_path):
     model, tokenizer = tiny
     facts = tiny_facts()
     results = run_grid("lifelong", model, tokenizer, facts[:8], ["lemoe", "ft-l"], [4, 8], 4, SETTINGS,
-                       irrelevant_pool(tokenizer, facts[8:]))
+                       irrelevant_pool(tokenizer, facts[8:]), protocol="both")
     assert [(r.method, r.T) for r in results] == [("lemoe", 4), ("lemoe", 8), ("ft-l", 4), ("ft-l", 8)]
+    # Both protocols in every row, each scored against the base model's generations taken before any edit
+    # (FT-L changes the weights themselves, so "base" cannot be read from the model afterwards).
+    assert all(r.wild_rel is not None and r.fluency is not None for r in results)
+    assert results[1].base_fluency == results[3].base_fluency and results[1].wild_loc == 1.0
     json_path, png_path = save(results, tmp_path, {"mode": "lifelong", "data": "tiny"})
     assert json.loads(json_path.read_text())["results"][1]["T"] == 8
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,6 +12,7 @@ from lemoe_store.editing import EditConfig, Editor, attach, detach, evaluate, fi
 from lemoe_store.editing.adaptor import RoutingDecision
 from lemoe_store.editing.batching import encode_pair, encode_prompt, teacher_forced_predictions
 from lemoe_store.editing.routing import NO_EXPERT
+from lemoe_store.editing.wild import greedy_texts
 from lemoe_store.models import load_model
 from lemoe_store.schemas.facts import Fact, Locality
 
@@ -278,3 +279,82 @@ def test_cluster_plan_groups_similar_facts():
     batches = plan(keys, 5, "cluster", seed=0)
     for batch in batches:
         assert len({i % 4 for i in batch}) == 1  # each batch is one cluster
+
+
+def _greedy(model, tokenizer, prompt: str, new_tokens: int) -> list[int]:
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_the_expert_acts_on_the_answer_span_only_and_then_the_gate_closes(llama):
+    """After the target, greedy generation no longer gets the expert's push: every later token is what the
+    model computes with the expert forced on exactly the answer positions; an expert left open (the old
+    behaviour, which looped on its answer) gives other tokens."""
+    model, tokenizer = llama
+    facts = tiny_facts()[:6]
+    editor = Editor(model, tokenizer, EditConfig(**CONFIG))
+    artifact = editor.edit(facts)
+    assert artifact.anchor_spans == [len(encode_pair(tokenizer, f.prompt, f.target).answer) for f in facts]
+    adaptor = editor.adaptor
+    opened = 0
+    for fact in facts:
+        prompt = encode_prompt(tokenizer, fact.prompt)
+        answer = encode_pair(tokenizer, fact.prompt, fact.target).answer
+        generated = _greedy(model, tokenizer, fact.prompt, len(answer) + 6)
+        assert generated[: len(answer)] == answer
+        key = editor.keys([fact.prompt])
+
+        def continued(span: int | None) -> list[int]:
+            """Greedy tokens by full forwards, the expert forced on `span` positions from the last prompt token."""
+            sequence = list(prompt)
+            decision = RoutingDecision(torch.tensor([0]), torch.tensor([len(prompt) - 1]), keys=key,
+                                       span=None if span is None else torch.tensor([span]))
+            for _ in range(len(generated)):
+                with torch.no_grad(), adaptor.forced(decision):
+                    sequence.append(int(model(input_ids=torch.tensor([sequence])).logits[0, -1].argmax()))
+            return sequence[len(prompt):]
+
+        assert generated == continued(len(answer))
+        opened += continued(None) != generated
+    assert opened > 0  # the check can fail: leaving the gate open changes the continuation
+
+
+def test_a_neighbour_with_another_subject_keeps_the_base_logits_while_its_fact_routes(llama):
+    """Same relation, other subject: the subject check keeps it from the edited fact's anchor, however close
+    their keys; a rephrase that mentions the subject mid-sentence still finds its fact."""
+    model, tokenizer = llama
+    fact = Fact(prompt="The official language of Orvania is", target="Finnish", id="orvania", subject="Orvania")
+    neighbour = "The official language of Kestria is"
+    rephrase = "the quick fox: the official language of Orvania is"
+    base = _logits(model, tokenizer, neighbour)
+    editor = Editor(model, tokenizer, EditConfig(**{**CONFIG, "threshold": 0.5, "subject_threshold": 0.5}))
+    artifact = editor.edit([fact])
+    assert artifact.anchor_subjects[0]  # both spellings of the subject, with and without a leading space
+    assert torch.equal(_logits(model, tokenizer, neighbour), base)
+    assert editor.adaptor.last_routes[0].expert == NO_EXPERT
+    assert editor.adaptor.last_routes[0].similarity > 0.9  # close enough to have routed by similarity alone
+    assert _route(model, tokenizer, rephrase) == 0
+    assert _route(model, tokenizer, fact.prompt) == 0
+
+
+def test_a_fact_without_a_subject_is_routed_by_similarity_alone(llama):
+    model, tokenizer = llama
+    fact = Fact(prompt="The official language of Orvania is", target="Finnish", id="orvania")
+    editor = Editor(model, tokenizer, EditConfig(**{**CONFIG, "threshold": 0.5}))
+    artifact = editor.edit([fact])
+    assert artifact.anchor_subjects == [[]] and artifact.stats["facts_without_subject_check"] == 1
+    assert _route(model, tokenizer, "The official language of Kestria is") == 0
+
+
+def test_batched_free_generation_answers_as_one_prompt_at_a_time(llama):
+    model, tokenizer = llama
+    facts = tiny_facts()
+    Editor(model, tokenizer, EditConfig(**CONFIG)).edit(facts[:6])
+    prompts = [f.prompt for f in facts[:4]] + [f.prompt for f in facts[8:]]  # routed and unrouted rows, mixed
+    batched = greedy_texts(model, tokenizer, prompts, 8, stopped=False, batch_size=8)
+    assert batched == [greedy_texts(model, tokenizer, [p], 8, stopped=False)[0] for p in prompts]
+    scores = evaluate(model, tokenizer, facts[:6], generate=True)
+    assert scores.wild_rel is not None and scores.wild_loc == 1.0
+    assert {s["kind"] for s in scores.samples} == {"edit", "rephrase", "locality"}

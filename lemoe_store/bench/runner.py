@@ -2,7 +2,9 @@
 
 Lifelong: for each T, a fresh copy of the method edits the first T facts batch after batch, then Rel / Gen /
 Loc are measured over all T facts (EasyEdit definitions, `lemoe_store.editing.evaluate`), with seconds and
-bytes added per edit. Batch: the first T facts as one single batch.
+bytes added per edit. Batch: the first T facts as one single batch. Protocols: `tf` (teacher-forced),
+`wild` (free generation: WILD Rel/Gen/Loc, fluency, degenerate; the teacher-forced scores come along, as
+they cost little) or `both`; the base model's generations are taken once, before any method edits.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..editing.batching import Pair
-from ..editing.metrics import evaluate, locality_pairs, locality_predictions
+from ..editing.metrics import BaseGenerations, base_generations, evaluate, locality_pairs, locality_predictions
 from ..schemas.facts import Fact
 from .base import BenchSettings, Method
 from .ftl import FineTuneLayer
@@ -31,6 +33,7 @@ METHODS: dict[str, type[Method]] = {
                 LemoePaperRouting)
 }
 DEFAULT_METHODS = ("lemoe", "ft-l", "grace", "wise", "moe")
+PROTOCOLS = ("tf", "wild", "both")
 
 
 @dataclass
@@ -47,6 +50,14 @@ class Result:
     seconds: float  # editing only (planning and training), not scoring
     s_per_edit: float
     bytes_per_edit: float
+    wild_rel: float | None = None
+    wild_gen: float | None = None
+    wild_loc: float | None = None
+    wild_mean: float | None = None
+    fluency: float | None = None
+    base_fluency: float | None = None
+    degenerate: float | None = None
+    base_degenerate: float | None = None
 
 
 def irrelevant_pool(tokenizer, facts: list[Fact]) -> list[Pair]:
@@ -68,7 +79,8 @@ def make_method(name: str, model, tokenizer, settings: BenchSettings, irrelevant
 
 
 def run_one(mode: str, name: str, model, tokenizer, facts: list[Fact], batch_size: int, settings: BenchSettings,
-            irrelevant: list[Pair], base_locality: list[list[int]]) -> Result:
+            irrelevant: list[Pair], base_locality: list[list[int]], base: BaseGenerations | None = None) -> Result:
+    """One method at one T; `base` (the unedited model's generations for `facts`) turns on the WILD protocol."""
     torch.manual_seed(settings.seed)
     method = make_method(name, model, tokenizer, settings, irrelevant)
     try:
@@ -77,33 +89,45 @@ def run_one(mode: str, name: str, model, tokenizer, facts: list[Fact], batch_siz
         for batch in batches:
             method.edit(batch)
         seconds = time.perf_counter() - began
-        scores = evaluate(method.model_for_eval(), tokenizer, facts, base_locality=base_locality)
+        scores = evaluate(method.model_for_eval(), tokenizer, facts, base_locality=base_locality,
+                          generate=base is not None, base=base)
     finally:
         method.close()
     rounded = scores.to_dict()
+    wild = {k: rounded[k] for k in ("wild_rel", "wild_gen", "wild_loc", "fluency", "base_fluency", "degenerate",
+                                    "base_degenerate")}
     return Result(mode, name, len(facts), batch_size if mode == "lifelong" else len(facts), len(batches),
                   rounded["rel"], rounded["gen"], rounded["loc"], round(scores.mean, 4),
-                  round(seconds, 2), round(seconds / len(facts), 3), round(method.bytes_added / len(facts)))
+                  round(seconds, 2), round(seconds / len(facts), 3), round(method.bytes_added / len(facts)),
+                  wild_mean=None if scores.wild_mean is None else round(scores.wild_mean, 4), **wild)
 
 
 def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str], sizes: list[int], batch_size: int,
              settings: BenchSettings, irrelevant: list[Pair],
              on_start: Callable[[str, int], None] | None = None,
-             on_result: Callable[[Result], None] | None = None) -> list[Result]:
-    """Every method at every T; the base model's locality predictions are taken once, before any edit."""
+             on_result: Callable[[Result], None] | None = None, protocol: str = "tf") -> list[Result]:
+    """Every method at every T; the base model's locality predictions (and, for the WILD protocol, its
+    generations) are taken once, before any edit."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     for name in methods:
         method_class(name)  # fail before any work on a misspelt name
     if max(sizes) > len(facts):
         raise ValueError(f"T = {max(sizes)} but the data holds {len(facts)} facts")
     base_all = locality_predictions(model, tokenizer, facts[: max(sizes)])
+    generated = base_generations(model, tokenizer, facts[: max(sizes)]) if protocol != "tf" else None
     results = []
     for name in methods:
         for size in sizes:
             if on_start:
                 on_start(name, size)
             subset = facts[:size]
-            base = base_all[: sum(len(f.locality) for f in subset)]
-            result = run_one(mode, name, model, tokenizer, subset, batch_size, settings, irrelevant, base)
+            localities = sum(len(f.locality) for f in subset)
+            base = base_all[:localities]
+            generations = generated and BaseGenerations(generated.locality[:localities],
+                                                        generated.continuations[:size])
+            result = run_one(mode, name, model, tokenizer, subset, batch_size, settings, irrelevant, base,
+                             generations)
             results.append(result)
             if on_result:
                 on_result(result)
@@ -126,19 +150,22 @@ def plot(results: list[Result], path: Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
-    for axis, metric in zip(axes, ("rel", "gen", "loc")):
+    titles = {"rel": "Rel", "gen": "Gen", "loc": "Loc"}
+    if any(r.wild_rel is not None for r in results):
+        titles |= {"wild_rel": "WILD Rel", "wild_gen": "WILD Gen", "wild_loc": "WILD Loc"}
+    figure, axes = plt.subplots(len(titles) // 3, 3, figsize=(13, 4 * len(titles) // 3), sharey=True, squeeze=False)
+    for axis, (metric, metric_title) in zip(axes.ravel(), titles.items()):
         for method in dict.fromkeys(r.method for r in results):
-            rows = sorted((r for r in results if r.method == method), key=lambda r: r.T)
-            points = [(r.T, getattr(r, metric)) for r in rows if getattr(r, metric) is not None]
+            ordered = sorted((r for r in results if r.method == method), key=lambda r: r.T)
+            points = [(r.T, getattr(r, metric)) for r in ordered if getattr(r, metric) is not None]
             if points:
                 axis.plot(*zip(*points), marker="o", label=method)
         axis.set_xscale("log")
         axis.set_xlabel("T (edits)")
-        axis.set_title(metric.capitalize())
+        axis.set_title(metric_title)
         axis.set_ylim(0, 1.02)
         axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0, 0].legend(fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .. import models
 from ..bench import DEFAULT_METHODS, BenchSettings, Result, run_grid, save
-from ..bench.runner import irrelevant_pool
+from ..bench.runner import PROTOCOLS, irrelevant_pool
 from ..schemas.facts import load_facts
 from .output import console, err_console, fmt, print_json
 
@@ -29,6 +29,7 @@ Out = Annotated[Path, typer.Option("--out", help="Folder for results.json and re
 DEFAULT_DATA = Path("../shared/data/zsre_mend_eval.json")
 DEFAULT_POOL = Path("../shared/data/zsre_mend_train-1k.json")
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
+Protocol = Annotated[str, typer.Option("--protocol", help="tf (teacher-forced), wild (free generation) or both.")]
 
 
 def _sizes(text: str) -> list[int]:
@@ -42,7 +43,9 @@ def _sizes(text: str) -> list[int]:
 
 
 def _run(mode: str, methods: str, sizes: str, data: Path, irrelevant: Path, batch_size: int, model: str, layer: int,
-         out: Path, json_: bool) -> None:
+         out: Path, json_: bool, protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise typer.BadParameter(f"--protocol takes one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     facts = load_facts(data, skipped=[])
     pool = load_facts(irrelevant, skipped=[])
     base, tokenizer = models.load_model(model, device="auto")
@@ -50,7 +53,8 @@ def _run(mode: str, methods: str, sizes: str, data: Path, irrelevant: Path, batc
     names = [m.strip() for m in methods.split(",") if m.strip()]
     began = time.perf_counter()
 
-    meta = {"mode": mode, "data": str(data), "model": model, "layer": layer, "batch_size": batch_size}
+    meta = {"mode": mode, "data": str(data), "model": model, "layer": layer, "batch_size": batch_size,
+            "protocol": protocol}
     done: list[Result] = []
 
     def started(name: str, size: int) -> None:
@@ -61,7 +65,7 @@ def _run(mode: str, methods: str, sizes: str, data: Path, irrelevant: Path, batc
         save(done, out, {**meta, "seconds_total": round(time.perf_counter() - began, 1)})
 
     results = run_grid(mode, base, tokenizer, facts, names, _sizes(sizes), batch_size, settings,
-                       irrelevant_pool(tokenizer, pool), on_start=started, on_result=finished)
+                       irrelevant_pool(tokenizer, pool), on_start=started, on_result=finished, protocol=protocol)
     meta["seconds_total"] = round(time.perf_counter() - began, 1)
     json_path, png_path = save(results, out, meta)
     if json_:
@@ -73,11 +77,17 @@ def _run(mode: str, methods: str, sizes: str, data: Path, irrelevant: Path, batc
 
 def _table(results: list[Result], title: str) -> Table:
     table = Table(title=title)
-    for column in ("method", "T", "batch", "Rel", "Gen", "Loc", "mean", "s/edit", "bytes/edit"):
+    wild = any(r.wild_rel is not None for r in results)
+    columns = ["method", "T", "batch", "Rel", "Gen", "Loc", "mean"]
+    columns += ["WILD Rel", "WILD Gen", "WILD Loc", "WILD mean", "fluency (base)"] if wild else []
+    for column in columns + ["s/edit", "bytes/edit"]:
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     for r in results:
-        table.add_row(r.method, str(r.T), str(r.batch_size), fmt(r.rel), fmt(r.gen), fmt(r.loc), fmt(r.mean),
-                      fmt(r.s_per_edit), f"{r.bytes_per_edit:,.0f}")
+        cells = [r.method, str(r.T), str(r.batch_size), fmt(r.rel), fmt(r.gen), fmt(r.loc), fmt(r.mean)]
+        if wild:
+            cells += [fmt(r.wild_rel), fmt(r.wild_gen), fmt(r.wild_loc), fmt(r.wild_mean),
+                      f"{fmt(r.fluency, 2)} ({fmt(r.base_fluency, 2)})"]
+        table.add_row(*cells, fmt(r.s_per_edit), f"{r.bytes_per_edit:,.0f}")
     return table
 
 
@@ -87,10 +97,10 @@ def lifelong(
     sizes: Annotated[str, typer.Option("--T", help="Comma-separated numbers of sequential edits.")] = "1,10,100",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Facts per edit batch.")] = 10,
     data: Data = DEFAULT_DATA, irrelevant: Irrelevant = DEFAULT_POOL, model: Model = models.DEFAULT_MODEL,
-    layer: Layer = 18, out: Out = Path("bench-results/lifelong"), json_: JsonFlag = False,
+    layer: Layer = 18, out: Out = Path("bench-results/lifelong"), json_: JsonFlag = False, protocol: Protocol = "tf",
 ) -> None:
     """Edit the first T facts batch after batch, then score all T (Rel/Gen/Loc, s and bytes per edit)."""
-    _run("lifelong", methods, sizes, data, irrelevant, batch_size, model, layer, out, json_)
+    _run("lifelong", methods, sizes, data, irrelevant, batch_size, model, layer, out, json_, protocol)
 
 
 @bench_app.command()
@@ -98,10 +108,10 @@ def batch(
     methods: Methods = ",".join(DEFAULT_METHODS),
     sizes: Annotated[str, typer.Option("--T", help="Comma-separated batch sizes (one batch each).")] = "10,100",
     data: Data = DEFAULT_DATA, irrelevant: Irrelevant = DEFAULT_POOL, model: Model = models.DEFAULT_MODEL,
-    layer: Layer = 18, out: Out = Path("bench-results/batch"), json_: JsonFlag = False,
+    layer: Layer = 18, out: Out = Path("bench-results/batch"), json_: JsonFlag = False, protocol: Protocol = "tf",
 ) -> None:
     """Edit the first T facts as one single batch, then score them."""
-    _run("batch", methods, sizes, data, irrelevant, 0, model, layer, out, json_)
+    _run("batch", methods, sizes, data, irrelevant, 0, model, layer, out, json_, protocol)
 
 
 def register(app: typer.Typer) -> None:

@@ -208,9 +208,9 @@ def ask(
         print_json(answer.to_dict())
         return
     console.print(f"[bold]{answer.prompt}[/]{answer.text}", highlight=False)
-    if answer.commit:
+    if answer.expert is not None:
         console.print(f"[dim]routed to expert {answer.expert} of commit {short(answer.commit)} "
-                      f"(fact {answer.fact_id}, similarity {answer.similarity:.3f} >= {answer.threshold})[/]")
+                      f"(fact {answer.fact_id}, similarity {answer.similarity:.3f})[/]")
     else:
         best = f"best similarity {answer.similarity:.3f} < {answer.threshold}" if answer.similarity else "no experts"
         console.print(f"[dim]base model answers ({best})[/]")
@@ -220,19 +220,45 @@ def eval_(
     facts: Annotated[Path | None, typer.Argument(help="Facts file (default: every fact of the version).")] = None,
     rev: Annotated[str | None, typer.Option("--rev", help="Version to evaluate (default HEAD).")] = None,
     fmt_: Annotated[str, typer.Option("--format", help=f"Input format: {', '.join(FORMATS)}.")] = "auto",
+    generate: Annotated[bool, typer.Option("--generate", help="Also free generation: WILD Rel/Gen/Loc, fluency.")] = False,
+    samples: Annotated[int, typer.Option("--samples", help="With --generate: print this many answers of each kind.")] = 0,
     store: StoreOption = None,
     json_: JsonOption = False,
 ) -> None:
-    """Rel/Gen/Loc (EasyEdit definitions) and routing accuracy at a version."""
+    """Rel/Gen/Loc (EasyEdit definitions) and routing accuracy at a version; --generate adds free generation.
+
+    Free generation (WILD): greedy answers cut at EOS, a newline or the first sentence end. WILD Rel/Gen:
+    the answer starts with the target; WILD Loc: a locality answer equals the base model's; fluency: the
+    generation entropy of 48-token continuations of the edit prompts (base model's beside it); degenerate:
+    share of continuations that loop.
+    """
     loaded = load_facts(facts, fmt_) if facts else None
-    scores = Repo.open(store).evaluate(loaded, rev)
+    scores = Repo.open(store).evaluate(loaded, rev, generate=generate)
     if json_:
-        print_json(scores.to_dict())
+        print_json({**scores.to_dict(), **({"samples": scores.samples} if samples else {})})
         return
     table = Table("facts", "Rel", "Gen", "Loc", "routed: edit", "rephrase", "locality→none")
     table.add_row(str(scores.facts), *(fmt(v) for v in (scores.rel, scores.gen, scores.loc, scores.routing_edit,
                                                         scores.routing_rephrase, scores.routing_locality)))
     console.print(table)
+    if generate:
+        wild = Table("WILD Rel", "WILD Gen", "WILD Loc", "fluency (base)", "degenerate (base)")
+        wild.add_row(fmt(scores.wild_rel), fmt(scores.wild_gen), fmt(scores.wild_loc),
+                     f"{fmt(scores.fluency)} ({fmt(scores.base_fluency)})",
+                     f"{fmt(scores.degenerate)} ({fmt(scores.base_degenerate)})")
+        console.print(wild)
+        _print_samples(scores.samples, samples)
+
+
+def _print_samples(samples: list[dict], per_kind: int) -> None:
+    """A few generated answers of each kind, as they came out, with the base model's where it matters."""
+    for kind in ("edit", "rephrase", "locality"):
+        for sample in [s for s in samples if s["kind"] == kind][:per_kind]:
+            console.print(f"[dim]{kind:>8}[/] [bold]{sample['prompt']}[/]{sample['answer']}", highlight=False)
+            if kind == "edit":
+                console.print(f"[dim]{'':>8} continues:[/]{sample['continuation']}", highlight=False)
+            if kind == "locality":
+                console.print(f"[dim]{'':>8} base:[/]{sample['base_answer']}", highlight=False)
 
 
 def reindex(store: StoreOption = None, json_: JsonOption = False) -> None:

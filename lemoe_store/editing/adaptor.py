@@ -1,12 +1,17 @@
 """Module insertion: the LEMoE adaptor beside one decoder layer's MLP.
 
-    h = MLP(x) + scale * E_r(x)      for the expert r the query is routed to, from the last prompt token on
+    h = MLP(x) + scale * E_r(x)      for the expert r the query is routed to, on the answer span only
 
-Routing happens once per sequence, at prefill, from the prompt's key (see `routing.py`; the key is read at
-the input of an earlier layer's MLP, `key_layer`, recorded by a hook as the prefill passes); generated tokens
-reuse that decision, so KV-cache generation routes exactly like a full forward. Rows routed to no expert
-get the base MLP output untouched (bit-identical logits), and so do all positions before the last prompt
-token, which leaves the prompt's K/V cache identical to the base model's at every layer.
+Routing happens once per sequence, at prefill, from the prompt's key and tokens (see `routing.py`; the key
+is read at the input of an earlier layer's MLP, `key_layer`, recorded by a hook as the prefill passes);
+generated tokens reuse that decision, so KV-cache generation routes exactly like a full forward.
+
+The expert acts on the positions it was trained on and nowhere else: from the last prompt token on, for
+the matched anchor's span (the number of answer tokens of its fact). Once the answer has been produced the
+gate closes and the base model's MLP carries on, so the continuation is the base model's continuation of
+the edited text, with no leftover push (an expert left open keeps pushing its answer: "Idaho, Idaho, ...").
+Rows routed to no expert get the base MLP output untouched (bit-identical logits), and so do all positions
+before the last prompt token, which leaves the prompt's K/V cache identical to the base model's.
 """
 
 from __future__ import annotations
@@ -54,12 +59,18 @@ class Expert(nn.Module):
 
 @dataclass
 class ExpertArtifact:
-    """What one edit batch leaves behind: a frozen expert, its anchor keys and the training record."""
+    """What one edit batch leaves behind: a frozen expert, its anchor keys and the training record.
+
+    Per anchor: the fact it stands for, the span its expert acts on (answer tokens) and the subject's token
+    sequences its query must contain (empty: none). Artifacts saved before spans and subjects were kept
+    have neither (unbounded span, no subject check)."""
 
     weights: dict[str, torch.Tensor]
     anchors: torch.Tensor
     anchor_facts: list[str]
     stats: dict = field(default_factory=dict)
+    anchor_spans: list[int] | None = None
+    anchor_subjects: list[list[list[int]]] | None = None
 
     @property
     def rank(self) -> int:
@@ -69,9 +80,10 @@ class ExpertArtifact:
 @dataclass
 class RoutingDecision:
     experts: torch.Tensor  # (B,) expert index per row, NO_EXPERT for none
-    start: torch.Tensor  # (B,) first position of the current input chunk the expert applies to
+    start: torch.Tensor  # (B,) position of the row's last prompt token in the current chunk (may be < 0)
     weights: torch.Tensor | None = None  # (B,) gate per row (a learned router's); None: the expert's full output
     keys: torch.Tensor | None = None  # (B, H) the keys experts read: each row's matched anchor's (kv-anchor)
+    span: torch.Tensor | None = None  # (B,) positions from `start` on that the expert acts on; None: all
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -111,12 +123,12 @@ class LemoeAdaptor(nn.Module):
         self.key_layer = layer if key_layer is None else key_layer
         self.config = config
         self.experts = nn.ModuleList()
-        self.anchors = AnchorIndex(hidden, config.threshold)  # kept in both routings: blame searches it
+        self.anchors = AnchorIndex(hidden, config.threshold, config.subject_threshold)  # blame searches it too
         self.anchor_facts: list[str] = []
         self.paper_router = self._paper_router() if config.routing == "kv-anchor-paper" else None
         self.last_keys: torch.Tensor | None = None
         self.last_routes: list[Route] = []
-        self._prefill: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._prefill: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         self._decision: RoutingDecision | None = None
         self._forced: RoutingDecision | None = None
         self._prompt_lengths: torch.Tensor | None = None
@@ -143,7 +155,8 @@ class LemoeAdaptor(nn.Module):
             weights.setdefault("key.weight", torch.zeros_like(weights["gate.weight"]))
             expert.load_state_dict({k: v.to(reference.dtype) for k, v in weights.items()})
             expert.requires_grad_(False)
-            self.add_anchors(artifact.anchors, len(self.experts), artifact.anchor_facts)
+            self.add_anchors(artifact.anchors, len(self.experts), artifact.anchor_facts,
+                             artifact.anchor_spans, artifact.anchor_subjects)
             if self.paper_router is not None:  # the newest artifact carries the projection as it was trained
                 self.paper_router.add_key(artifact.weights[f"{ROUTER_PREFIX}key"].to(reference.device))
                 with torch.no_grad():
@@ -151,16 +164,17 @@ class LemoeAdaptor(nn.Module):
         self.experts.append(expert)
         return len(self.experts) - 1
 
-    def add_anchors(self, keys: torch.Tensor, expert: int, facts: list[str]) -> None:
-        self.anchors.add(keys, expert)
+    def add_anchors(self, keys: torch.Tensor, expert: int, facts: list[str], spans: list[int] | None = None,
+                    subjects: list[list[list[int]]] | None = None) -> None:
+        self.anchors.add(keys, expert, spans, subjects)
         self.anchor_facts.extend(facts)
 
     def base_parameter(self) -> torch.Tensor:
         return next(self.base.parameters())
 
     # -- routing state, driven by the model's forward pre-hook ---------------------------------------
-    def begin_sequence(self, attention_mask: torch.Tensor) -> None:
-        self._prefill = (attention_mask, self._prompt_lengths)
+    def begin_sequence(self, attention_mask: torch.Tensor, input_ids: torch.Tensor | None) -> None:
+        self._prefill = (attention_mask, self._prompt_lengths, input_ids)
 
     def continue_sequence(self) -> None:
         self._prefill = None
@@ -199,13 +213,20 @@ class LemoeAdaptor(nn.Module):
 
     def prompt_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """At prefill: (B, T) mask of the prompt tokens, and (B,) index of each row's last prompt token."""
-        attention_mask, prompt_lengths = self._prefill
+        attention_mask, prompt_lengths, _ = self._prefill
         real = attention_mask.to(torch.bool)
         rank_in_row = real.long().cumsum(dim=1) - 1
         lengths = real.sum(dim=1) if prompt_lengths is None else prompt_lengths.to(real.device)
         prompt_mask = real & (rank_in_row < lengths[:, None])
         first_real = real.float().argmax(dim=1).long()
         return prompt_mask, first_real + lengths.long() - 1
+
+    def prompt_tokens(self, prompt_mask: torch.Tensor) -> list[list[int]]:
+        """At prefill: each row's prompt token ids (empty when the model was given embeddings, not ids)."""
+        input_ids = self._prefill[2]
+        if input_ids is None:
+            return [[] for _ in range(prompt_mask.shape[0])]
+        return [row[mask].tolist() for row, mask in zip(input_ids, prompt_mask.to(input_ids.device))]
 
     def _route_prefill(self, x: torch.Tensor) -> RoutingDecision:
         prompt_mask, last_prompt_token = self.prompt_layout()
@@ -217,38 +238,43 @@ class LemoeAdaptor(nn.Module):
             gates, experts = torch.softmax(self.paper_router.logits(self.last_keys), dim=-1).max(dim=-1)
             self.last_routes = [Route(int(e), float(g), -1) for e, g in zip(experts, gates)]
             return RoutingDecision(experts.to(x.device), last_prompt_token, gates.to(x.device), self.last_keys)
-        self.last_routes = self.anchors.route(self.last_keys)
+        self.last_routes = self.anchors.route(self.last_keys, self.prompt_tokens(prompt_mask))
         experts = torch.tensor([r.expert for r in self.last_routes], device=x.device, dtype=torch.long)
-        return RoutingDecision(experts, last_prompt_token, keys=self.anchors.matched_keys(self.last_keys, self.last_routes))
+        return RoutingDecision(experts, last_prompt_token, keys=self.anchors.matched_keys(self.last_keys, self.last_routes),
+                               span=self.anchors.spans_of(self.last_routes).to(x.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self._bypass:
             return out
         if self._forced is not None:
-            decision = self._forced
-        elif self._prefill is not None:
-            decision = self._decision = self._route_prefill(x)
+            return self._apply(x, out, self._forced)
+        if self._prefill is not None:
+            decision = self._route_prefill(x)
             self._prefill = None
-        elif self._decision is not None:  # a generation step: every new token is past the prompt
-            decision = replace(self._decision, start=torch.zeros_like(self._decision.start))
+        elif self._decision is not None:  # a generation step: its tokens follow the previous chunk's
+            decision = self._decision
         else:
             return out
+        self._decision = replace(decision, start=decision.start - x.shape[1])
         return self._apply(x, out, decision)
 
     def _apply(self, x: torch.Tensor, out: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
-        routed = decision.experts != NO_EXPERT
+        offset = torch.arange(x.shape[1], device=x.device)[None, :] - decision.start[:, None]
+        active = offset >= 0
+        if decision.span is not None:
+            active &= offset < decision.span[:, None]  # (B, T): the answer span, nothing after
+        routed = (decision.experts != NO_EXPERT) & active.any(dim=1)
         if not bool(routed.any()):
             return out
         result = out.clone()
-        positions = torch.arange(x.shape[1], device=x.device)
         for expert in torch.unique(decision.experts[routed]).tolist():
-            rows = (decision.experts == expert).nonzero().squeeze(1)
-            active = (positions[None, :] >= decision.start[rows][:, None]).unsqueeze(-1)
+            rows = ((decision.experts == expert) & routed).nonzero().squeeze(1)
+            active_rows = active[rows].unsqueeze(-1)
             delta = self.config.scale * self.experts[expert](x[rows], decision.keys[rows].to(x.device))
             if decision.weights is not None:
                 delta = delta * decision.weights[rows].to(delta.dtype)[:, None, None]
-            result[rows] = torch.where(active, out[rows] + delta, out[rows])
+            result[rows] = torch.where(active_rows, out[rows] + delta, out[rows])
         return result
 
 
@@ -258,13 +284,12 @@ def _before_model_forward(adaptor: LemoeAdaptor):
         if cache is not None and cache.get_seq_length() > 0:
             adaptor.continue_sequence()
             return
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        if inputs is None:
-            inputs = kwargs["inputs_embeds"][..., 0]
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        shape_of = input_ids if input_ids is not None else kwargs["inputs_embeds"][..., 0]
         mask = kwargs.get("attention_mask")
         if mask is None:
-            mask = torch.ones(inputs.shape[:2], dtype=torch.long, device=inputs.device)
-        adaptor.begin_sequence(mask)
+            mask = torch.ones(shape_of.shape[:2], dtype=torch.long, device=shape_of.device)
+        adaptor.begin_sequence(mask, input_ids)
 
     return hook
 

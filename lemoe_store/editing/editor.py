@@ -19,10 +19,11 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..schemas.facts import Fact
-from .adaptor import ROUTER_PREFIX, ExpertArtifact, LemoeAdaptor, RoutingDecision, attach, decoder_layers
+from .adaptor import ROUTER_PREFIX, ExpertArtifact, LemoeAdaptor, RoutingDecision, attach, decoder_layers, find_adaptor
 from .batching import Pair, encode_pair, left_pad, model_device, positions, routing_keys, teacher_forced_predictions
 from .config import EditConfig
-from .routing import NO_EXPERT
+from .routing import NO_EXPERT, occurs
+from .wild import greedy_texts
 
 StepCallback = Callable[[int, float], None]
 
@@ -30,12 +31,47 @@ StepCallback = Callable[[int, float], None]
 @dataclass
 class _Row:
     """One training prompt: the fact it belongs to, its tokens, whether its key becomes an anchor, and
-    the labels (None: the answer itself; locality rows: the base model's predictions)."""
+    the labels (None: the answer itself; locality rows: the base model's predictions); anchors also
+    carry their fact's subject as token sequences found in the prompt (empty: no subject check)."""
 
     fact_id: str
     pair: Pair
     anchor: bool
     labels: list[int] | None = None
+    subject: list[list[int]] | None = None
+    own_anchor_only: bool = False  # trained only where routing finds the row's own fact (context copies)
+
+
+def subject_sequences(tokenizer, subject: str, prompt: list[int]) -> list[list[int]]:
+    """The subject's token sequences, as it reads at the start of a text and after a space (a query may
+    place it either way); empty when the subject is blank or occurs in neither form in `prompt` (then the
+    anchor is matched by similarity alone, or the fact's own prompt could not reach it)."""
+    if not subject.strip():
+        return []
+    variants = {tuple(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in (subject, " " + subject)}
+    variants.discard(())
+    return [list(v) for v in sorted(variants)] if any(occurs(v, prompt) for v in variants) else []
+
+
+CONTEXT_STARTS = ("The weather today", "In the morning,", "My favourite book", "Yesterday I", "The report says",
+                  "According to the news,", "In 1990,", "Scientists found that", "We walked to")
+CONTEXT_TOKENS = 10
+
+
+def context_prefixes(model, tokenizer, count: int) -> list[str]:
+    """ROME's and WISE's context templates: short texts the base model writes itself (greedy, from fixed
+    first words), each put before a fact's prompt as "<text>. <prompt>", so the expert learns its fact in
+    more than one surrounding and leans on the fact's key rather than on one wording. (One-word starts, as
+    ROME samples from, give loops under greedy decoding on small models: these read as prose.)"""
+    starts = list(CONTEXT_STARTS[:count])
+    with find_adaptor(model).bypassed():
+        texts = greedy_texts(model, tokenizer, starts, CONTEXT_TOKENS, stopped=False)
+    return [" ".join(f"{start}{text}".split()).rstrip(".") + ". " for start, text in zip(starts, texts)]
+
+
+def _anchor_row(tokenizer, fact: Fact, prompt: str) -> _Row:
+    pair = encode_pair(tokenizer, prompt, fact.target)
+    return _Row(fact.id, pair, True, subject=subject_sequences(tokenizer, fact.subject, pair.prompt))
 
 
 class _Replay(nn.Module):
@@ -82,6 +118,13 @@ class Editor:
         self.config = config
         self.adaptor: LemoeAdaptor = attach(model, list(experts), config)
         self.device = model_device(model)
+        self._prefixes: list[str] | None = None
+
+    def prefixes(self) -> list[str]:
+        """The context prefixes of `config.context_templates` (written once by the base model)."""
+        if self._prefixes is None:
+            self._prefixes = context_prefixes(self.model, self.tokenizer, self.config.context_templates)
+        return self._prefixes
 
     def keys(self, prompts: list[str]) -> torch.Tensor:
         """Routing keys (N, H) of prompts, exactly as inference computes them."""
@@ -91,17 +134,21 @@ class Editor:
         """Train a new expert on `facts`, freeze it, keep it attached, and return it.
 
         Trained prompts: each fact's prompt, plus (with `anchor_rephrases`) its rephrases, which also become
-        anchors; with `locality_regulariser`, a fact's locality prompts that would route to the new expert
-        are trained to keep the base model's predictions.
+        anchors; with `context_templates`, the prompt behind that many context prefixes (not anchors; trained
+        where they route to their own fact, with its key); with `locality_regulariser`, a fact's locality
+        prompts that would route to the new expert are trained to keep the base model's predictions.
         """
         if not facts:
             raise ValueError("an edit batch needs at least one fact")
         began = time.perf_counter()
         expert_index = len(self.adaptor.experts)
         torch.manual_seed(self.config.seed * 100_003 + expert_index)
-        rows = [_Row(f.id, encode_pair(self.tokenizer, f.prompt, f.target), True) for f in facts]
+        rows = [_anchor_row(self.tokenizer, f, f.prompt) for f in facts]
         if self.config.anchor_rephrases:
-            rows += [_Row(f.id, encode_pair(self.tokenizer, r, f.target), True) for f in facts for r in f.rephrases]
+            rows += [_anchor_row(self.tokenizer, f, r) for f in facts for r in f.rephrases]
+        if self.config.context_templates:
+            rows += [_Row(f.id, encode_pair(self.tokenizer, prefix + f.prompt, f.target), False, own_anchor_only=True)
+                     for f in facts for prefix in self.prefixes()]
         if self.config.locality_regulariser:
             rows += self._locality_rows(facts)
         prompt_ids, prompt_mask = left_pad([r.pair.prompt for r in rows], self.tokenizer.pad_token_id, self.device)
@@ -118,19 +165,27 @@ class Editor:
 
         is_anchor = torch.tensor([r.anchor for r in rows])
         anchors = keys[is_anchor]
-        anchor_facts = [r.fact_id for r in rows if r.anchor]
+        anchor_rows = [r for r in rows if r.anchor]
+        anchor_facts = [r.fact_id for r in anchor_rows]
+        anchor_spans = [len(r.pair.answer) for r in anchor_rows]
+        anchor_subjects = [r.subject for r in anchor_rows]
         self.adaptor.add_expert(rank=self.config.rank)
-        self.adaptor.add_anchors(anchors, expert_index, anchor_facts)
+        self.adaptor.add_anchors(anchors, expert_index, anchor_facts, anchor_spans, anchor_subjects)
         router = self.adaptor.paper_router
         if router is None:
-            # Train exactly the prompts that inference will route to this expert.
-            routes = self.adaptor.anchors.route(keys.to(self.device))
-            trained = torch.tensor([r.expert == expert_index for r in routes], device=self.device)
+            # Train exactly the prompts that inference will route to this expert, on the span it acts on.
+            routes = self.adaptor.anchors.route(keys.to(self.device), [r.pair.prompt for r in rows])
+            trained = torch.tensor([
+                route.expert == expert_index
+                and (not row.own_anchor_only or self.adaptor.anchor_facts[route.anchor] == row.fact_id)
+                for route, row in zip(routes, rows)], device=self.device)
             keys = self.adaptor.anchors.matched_keys(keys, routes)
+            spans = self.adaptor.anchors.spans_of(routes)
         else:
             # The paper's routing is learned: the batch's prompts are trained to route to the new expert.
             router.add_key(router.queries(anchors).mean(dim=0))
             trained = is_anchor.to(self.device)
+            spans = torch.tensor([len(r.pair.answer) for r in rows])
         trained_weights = dict(self.adaptor.experts[expert_index].named_parameters())
         if router is not None:
             trained_weights |= {f"{ROUTER_PREFIX}key": router.keys[expert_index],
@@ -139,7 +194,8 @@ class Editor:
         for parameter in parameters:
             parameter.requires_grad_(True)
         try:
-            steps, loss = self._train(parameters, rows, prompt_mask, prefix, trained, expert_index, keys, on_step)
+            steps, loss = self._train(parameters, rows, prompt_mask, prefix, trained, spans, expert_index, keys,
+                                      on_step)
         finally:
             for parameter in parameters:
                 parameter.requires_grad_(False)
@@ -151,9 +207,11 @@ class Editor:
             "facts": len(facts),
             "prompts_trained": int(trained.sum()),
             "edit_prompts_routed_to_expert": int(trained[: len(facts)].sum()),
-            "locality_prompts_guarded": int(trained[~is_anchor.to(self.device)].sum()),
+            "context_copies_trained": int(sum(t for t, r in zip(trained.tolist(), rows) if r.own_anchor_only)),
+            "locality_prompts_guarded": int(sum(t for t, r in zip(trained.tolist(), rows) if r.labels is not None)),
+            "facts_without_subject_check": sum(1 for r in rows[: len(facts)] if not r.subject),
         }
-        return ExpertArtifact(weights, anchors.float(), anchor_facts, stats)
+        return ExpertArtifact(weights, anchors.float(), anchor_facts, stats, anchor_spans, anchor_subjects)
 
     def _locality_rows(self, facts: list[Fact]) -> list[_Row]:
         """Locality prompts with the base model's own teacher-forced predictions as their labels."""
@@ -164,7 +222,8 @@ class Editor:
             base = teacher_forced_predictions(self.model, self.tokenizer, [p for _, p in pairs])
         return [_Row(fid, pair, False, labels) for (fid, pair), labels in zip(pairs, base)]
 
-    def _train(self, parameters, rows, prompt_mask, prefix, trained, expert_index, keys, on_step) -> tuple[int, float]:
+    def _train(self, parameters, rows, prompt_mask, prefix, trained, spans, expert_index, keys,
+               on_step) -> tuple[int, float]:
         device, pad = self.device, self.tokenizer.pad_token_id
         width = max(len(r.pair.answer) for r in rows)
         inputs = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -176,6 +235,7 @@ class Editor:
             labels[index, : len(row.pair.answer)] = torch.tensor(row.labels or row.pair.answer)
             chunk_mask[index, : len(chunk)] = 1
         labels[~trained.cpu()] = -100  # prompts routed elsewhere cannot be changed by this expert
+        labels[torch.arange(width)[None, :] >= spans[:, None]] = -100  # nor positions past the matched span
         inputs, labels, chunk_mask = inputs.to(device), labels.to(device), chunk_mask.to(device)
         attention = torch.cat([prompt_mask[:, :-1], chunk_mask], dim=1)
         prompt_lengths = prompt_mask.sum(dim=1)
@@ -196,7 +256,8 @@ class Editor:
 
         def forward() -> tuple[torch.Tensor, torch.Tensor]:
             """Logits at the target positions, and the loss of routing (zero under anchor routing)."""
-            decision, routing_loss = RoutingDecision(route, start, keys=keys), torch.zeros((), device=device)
+            decision = RoutingDecision(route, start, keys=keys, span=spans.to(device))
+            routing_loss = torch.zeros((), device=device)
             if router is not None:  # the routed expert's output is weighted by its softmax probability
                 router_logits = router.logits(keys)
                 decision.weights = torch.softmax(router_logits, dim=-1)[:, expert_index]

@@ -7,10 +7,18 @@ A key is the mean, over the prompt tokens (the first token left out: Llama-famil
 activations there, which makes every prompt look alike), of the MLP input at the key layer (an early one, see
 `EditConfig.key_layer`), L2-normalised.
 The nearest anchor by cosine similarity decides the expert; below the threshold no expert is applied.
+
+Subject check: an anchor whose fact names a subject can only be matched by a query in which that subject
+occurs (as tokens). Prompt keys are dominated by a relation's wording, so without the check a prompt about
+another subject in the same template ("Sarah Bernhardt speaks the language" beside an edit of "Christa
+Theret speaks the language") lands next to the edited fact. An anchor whose subject occurs is matched at
+its own, lower threshold (`subject_threshold`): the subject is the stronger evidence, and rephrases that
+bury it in other words still reach their fact. Anchors without a subject are matched by similarity alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import faiss
@@ -42,28 +50,84 @@ class Route:
     anchor: int
 
 
-class AnchorIndex:
-    """Anchor keys of all active experts in a FAISS inner-product index (keys are unit vectors)."""
+UNBOUNDED_SPAN = 1 << 30  # anchors stored before spans were recorded: the expert acts on every later token
 
-    def __init__(self, dim: int, threshold: float) -> None:
+
+def occurs(sequence: Sequence[int], tokens: Sequence[int]) -> bool:
+    """Whether `sequence` appears contiguously in `tokens`."""
+    width = len(sequence)
+    first = sequence[0]
+    return any(tokens[i] == first and list(tokens[i : i + width]) == list(sequence)
+               for i in range(len(tokens) - width + 1))
+
+
+class SubjectLookup:
+    """Which anchors' subjects occur in a token sequence: anchors listed by their subject's first token."""
+
+    def __init__(self) -> None:
+        self.by_first_token: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
+
+    def add(self, anchor: int, sequences: Sequence[Sequence[int]]) -> None:
+        for sequence in sequences:
+            self.by_first_token.setdefault(int(sequence[0]), []).append((anchor, tuple(sequence)))
+
+    def occurring(self, tokens: Sequence[int]) -> list[int]:
+        found: set[int] = set()
+        for position, token in enumerate(tokens):
+            for anchor, sequence in self.by_first_token.get(int(token), ()):
+                if tuple(tokens[position : position + len(sequence)]) == sequence:
+                    found.add(anchor)
+        return sorted(found)
+
+
+class AnchorIndex:
+    """Anchor keys of all active experts in a FAISS inner-product index (keys are unit vectors).
+
+    Per anchor it also keeps the expert it belongs to, its span (how many answer tokens its expert was
+    trained on, from the last prompt token on: the expert acts there and nowhere after) and its subject's
+    token sequences (none: matched by similarity alone).
+    """
+
+    def __init__(self, dim: int, threshold: float, subject_threshold: float | None = None) -> None:
         self.dim = dim
         self.threshold = threshold
-        self.index = faiss.IndexFlatIP(dim)
+        self.subject_threshold = threshold if subject_threshold is None else subject_threshold
+        self.index = faiss.IndexFlatIP(dim)  # every anchor (blame searches it)
+        self.open_index = faiss.IndexFlatIP(dim)  # anchors without a subject: matched by similarity alone
+        self.open_rows = np.zeros(0, dtype=np.int64)  # open_index row -> anchor row
         self.experts = np.zeros(0, dtype=np.int64)  # anchor row -> expert index
+        self.spans = np.zeros(0, dtype=np.int64)  # anchor row -> answer tokens its expert acts on
+        self.subjects = SubjectLookup()
 
     def __len__(self) -> int:
         return self.index.ntotal
 
-    def add(self, keys: torch.Tensor | np.ndarray, expert: int) -> None:
+    def add(self, keys: torch.Tensor | np.ndarray, expert: int, spans: Sequence[int] | None = None,
+            subjects: Sequence[Sequence[Sequence[int]]] | None = None) -> None:
+        """Add anchors of `expert`; `spans`/`subjects` per anchor (None: unbounded, no subject)."""
         array = keys.detach().cpu().float().numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys, np.float32)
         array = np.ascontiguousarray(array, dtype=np.float32)
         if array.ndim != 2 or array.shape[1] != self.dim:
             raise ValueError(f"anchor keys must have shape (n, {self.dim}), got {array.shape}")
+        spans = list(spans) if spans is not None else [UNBOUNDED_SPAN] * len(array)
+        subjects = list(subjects) if subjects is not None else [()] * len(array)
+        if len(spans) != len(array) or len(subjects) != len(array):
+            raise ValueError(f"{len(array)} anchor keys but {len(spans)} spans and {len(subjects)} subjects")
+        first = len(self)
         self.index.add(array)
         self.experts = np.concatenate([self.experts, np.full(len(array), expert, dtype=np.int64)])
+        self.spans = np.concatenate([self.spans, np.asarray(spans, dtype=np.int64)])
+        open_rows = [first + i for i, sequences in enumerate(subjects) if not sequences]
+        if open_rows:
+            self.open_index.add(array[[row - first for row in open_rows]])
+            self.open_rows = np.concatenate([self.open_rows, np.asarray(open_rows, dtype=np.int64)])
+        for i, sequences in enumerate(subjects):
+            if sequences:
+                self.subjects.add(first + i, sequences)
 
     def search(self, keys: torch.Tensor, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (similarities, anchor rows) for each key; rows are -1 where fewer anchors exist."""
+        """Top-k (similarities, anchor rows) for each key, subjects not checked; rows are -1 where fewer
+        anchors exist."""
         query = np.ascontiguousarray(keys.detach().cpu().float().numpy())
         return self.index.search(query, min(k, max(len(self), 1)))
 
@@ -78,17 +142,41 @@ class AnchorIndex:
         matched[rows] = torch.from_numpy(stored).to(keys.device, keys.dtype)
         return matched
 
-    def route(self, keys: torch.Tensor) -> list[Route]:
+    def spans_of(self, routes: list[Route]) -> torch.Tensor:
+        """(B,) the span of each route's anchor (0 for rows routed to no expert)."""
+        return torch.tensor([int(self.spans[r.anchor]) if r.expert != NO_EXPERT else 0 for r in routes])
+
+    def route(self, keys: torch.Tensor, prompts: Sequence[Sequence[int]]) -> list[Route]:
+        """One route per query key; `prompts[i]` is query i's prompt tokens (for the subject check)."""
         if len(self) == 0:
             return [Route(NO_EXPERT, float("-inf"), -1) for _ in range(keys.shape[0])]
-        sims, rows = self.search(keys)
+        query = np.ascontiguousarray(keys.detach().cpu().float().numpy())
+        open_sims, open_ids = (self.open_index.search(query, min(8, self.open_index.ntotal))
+                               if self.open_index.ntotal else (None, None))
         routes = []
-        for row_sims, row_ids in zip(sims, rows):
-            best = row_sims[0]
-            tied = [(self.experts[a], a) for s, a in zip(row_sims, row_ids) if a >= 0 and s >= best - _TIE]
-            expert, anchor = max(tied)
-            routes.append(Route(int(expert) if best >= self.threshold else NO_EXPERT, float(best), int(anchor)))
+        for row, key in enumerate(query):
+            # (similarity, threshold, anchor) of every anchor this query may match
+            candidates: list[tuple[float, float, int]] = []
+            if open_sims is not None:
+                candidates += [(float(s), self.threshold, int(self.open_rows[i]))
+                               for s, i in zip(open_sims[row], open_ids[row]) if i >= 0]
+            subject_rows = self.subjects.occurring(prompts[row])
+            if subject_rows:
+                stored = self.index.reconstruct_batch(np.asarray(subject_rows, dtype=np.int64))
+                candidates += [(float(s), self.subject_threshold, a) for s, a in zip(stored @ key, subject_rows)]
+            routes.append(self._best(candidates, key))
         return routes
+
+    def _best(self, candidates: list[tuple[float, float, int]], key: np.ndarray) -> Route:
+        """The most similar candidate at or above its threshold (ties: the newest expert, as a later
+        edit overwrites); none: NO_EXPERT with the best similarity of any anchor (for reporting)."""
+        passing = [(s, a) for s, t, a in candidates if s >= t]
+        if not passing:
+            sims, rows = self.index.search(key[None, :], 1)
+            return Route(NO_EXPERT, float(sims[0, 0]), int(rows[0, 0]))
+        best = max(s for s, _ in passing)
+        expert, anchor = max((self.experts[a], a) for s, a in passing if s >= best - _TIE)
+        return Route(int(expert), best, int(anchor))
 
 
 class PaperRouter(torch.nn.Module):
