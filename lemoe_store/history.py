@@ -59,7 +59,7 @@ class AnchorMatch:
 class Blame:
     query: str
     rev: str | None
-    threshold: float
+    threshold: float | None  # the threshold that applied to the routed (or nearest) anchor; None: subject absent
     routed_commit: str | None
     routed_expert: int | None
     matches: list[AnchorMatch]
@@ -251,7 +251,7 @@ class HistoryMixin:
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                      max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
             without = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        return Blame(query, cid, self.config.threshold, answer.commit, answer.expert, matches, answer.text, without)
+        return Blame(query, cid, answer.threshold, answer.commit, answer.expert, matches, answer.text, without)
 
     def blame_fact(self, prompt_or_id: str, rev: str | None = None) -> FactBlame:
         """The commit that introduced a fact (by prompt or id) and the one that last changed its target."""

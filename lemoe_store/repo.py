@@ -40,8 +40,8 @@ class Answer:
     commit: str | None  # the commit that introduced the routed expert; None: base model answered
     expert: int | None  # position of the routed expert in the version's tree
     similarity: float | None
-    fact_id: str | None  # the fact whose anchor matched best
-    threshold: float = 0.0
+    fact_id: str | None  # the fact whose anchor matched best (or, unrouted, the nearest anchor's)
+    threshold: float | None = None  # the threshold that applied; None: that anchor's subject is not in the prompt
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -331,11 +331,11 @@ class Repo(HistoryMixin):
         )
         text = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
         adaptor = find_adaptor(model)
-        answer = Answer(prompt, text, cid, None, None, None, None, self.config.threshold)
+        answer = Answer(prompt, text, cid, None, None, None, None)
         if adaptor is not None and adaptor.last_routes:
             route = adaptor.last_routes[0]
-            answer.similarity = route.similarity if route.anchor >= 0 else None
             if route.anchor >= 0:
+                answer.similarity, answer.threshold = route.similarity, route.threshold
                 answer.fact_id = adaptor.anchor_facts[route.anchor]
             if route.expert != NO_EXPERT:
                 answer.expert = route.expert

@@ -145,3 +145,19 @@ def test_fsck_and_gc(repo):
     path.write_bytes(path.read_bytes().replace(b"Madrid", b"Madrix").replace(b"Finnish", b"Finnisx"))
     result = runner.invoke(app, ["fsck", "--store", str(repo.store.root)])
     assert result.exit_code == 1 and facts_object in result.stdout
+
+
+def test_ask_explains_the_routing_decision_it_made(tmp_path, tiny_llama_dir):
+    """The explanation comes from the route itself: routed, below the threshold, or an anchor whose subject
+    the prompt does not name (then no similarity can route it, and `ask` says so, not "below tau")."""
+    repo = Repo.init(tmp_path / "work", model=str(tiny_llama_dir), **{**EDIT, "threshold": 0.5,
+                                                                       "subject_threshold": 0.5})
+    repo.commit([Fact(prompt="The official language of Orvania is", target="Finnish", subject="Orvania")])
+    store = ["--store", str(repo.store.root)]
+    routed = runner.invoke(app, ["ask", "The official language of Orvania is", *store, "--max-new-tokens", "2"])
+    assert routed.exit_code == 0 and "routed to expert 0 of commit" in routed.output
+    neighbour = runner.invoke(app, ["ask", "The official language of Kestria is", *store, "--json"])
+    answer = json.loads(neighbour.output)
+    assert answer["expert"] is None and answer["threshold"] is None and answer["similarity"] > 0.5
+    text = runner.invoke(app, ["ask", "The official language of Kestria is", *store]).output
+    assert "names a subject this prompt does not contain" in text and "<" not in text

@@ -155,9 +155,11 @@ def blame(
     if json_:
         print_json(asdict(result))
         return
-    if result.routed_commit:
+    if result.routed_expert is not None:
         console.print(f"routed to expert {result.routed_expert} of commit [yellow]{short(result.routed_commit)}[/] "
                       f"(threshold {result.threshold})")
+    elif result.threshold is None and result.matches:
+        console.print("base model answers: the nearest anchors name subjects this query does not contain")
     else:
         console.print(f"base model answers: no anchor reaches the threshold {result.threshold}")
     table = Table("commit", "expert", "fact", "similarity")

@@ -17,7 +17,7 @@ from .output import console, err_console, short
 
 def _ask(repo: Repo, prompt: str, label: str) -> str:
     answer = repo.ask(prompt, max_new_tokens=6)
-    where = f"expert of commit {short(answer.commit)}" if answer.commit else "base model"
+    where = f"expert of commit {short(answer.commit)}" if answer.expert is not None else "base model"
     console.print(f"  {label:<22} [bold]{prompt}[/][green]{answer.text}[/]  [dim]({where})[/]", highlight=False)
     return answer.text
 

@@ -31,12 +31,16 @@ def init(
     layer: Annotated[int | None, typer.Option(help="Decoder layer for the adaptor (default: ~60% depth).")] = None,
     key_layer: Annotated[int | None, typer.Option(help="Decoder layer whose MLP input gives the routing keys "
                                                    "(default: ~20% depth).")] = None,
-    threshold: Annotated[float, typer.Option(help="Routing threshold tau (cosine similarity).")] = 0.8,
+    threshold: Annotated[float, typer.Option(help="Routing threshold tau (cosine similarity) for facts "
+                                                  "without a subject.")] = 0.8,
+    subject_threshold: Annotated[float, typer.Option(help="Routing threshold for facts with a subject (only "
+                                                          "prompts naming that subject can match).")] = 0.6,
     rank: Annotated[int, typer.Option(help="Hidden width of each expert.")] = 64,
     json_: JsonOption = False,
 ) -> None:
     """Create an empty store for a base model; records its fingerprint."""
-    repo = Repo.init(path, model=model, layer=layer, key_layer=key_layer, threshold=threshold, rank=rank,
+    repo = Repo.init(path, model=model, layer=layer, key_layer=key_layer, threshold=threshold,
+                     subject_threshold=subject_threshold, rank=rank,
                      progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     info = repo.status()
     if json_:
@@ -211,9 +215,13 @@ def ask(
     if answer.expert is not None:
         console.print(f"[dim]routed to expert {answer.expert} of commit {short(answer.commit)} "
                       f"(fact {answer.fact_id}, similarity {answer.similarity:.3f})[/]")
+    elif answer.fact_id is None:
+        console.print("[dim]base model answers (no experts)[/]")
+    elif answer.threshold is None:
+        console.print(f"[dim]base model answers (nearest anchor, fact {answer.fact_id} at similarity "
+                      f"{answer.similarity:.3f}, names a subject this prompt does not contain)[/]")
     else:
-        best = f"best similarity {answer.similarity:.3f} < {answer.threshold}" if answer.similarity else "no experts"
-        console.print(f"[dim]base model answers ({best})[/]")
+        console.print(f"[dim]base model answers (best similarity {answer.similarity:.3f} < {answer.threshold})[/]")
 
 
 def eval_(

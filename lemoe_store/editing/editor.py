@@ -235,7 +235,6 @@ class Editor:
             labels[index, : len(row.pair.answer)] = torch.tensor(row.labels or row.pair.answer)
             chunk_mask[index, : len(chunk)] = 1
         labels[~trained.cpu()] = -100  # prompts routed elsewhere cannot be changed by this expert
-        labels[torch.arange(width)[None, :] >= spans[:, None]] = -100  # nor positions past the matched span
         inputs, labels, chunk_mask = inputs.to(device), labels.to(device), chunk_mask.to(device)
         attention = torch.cat([prompt_mask[:, :-1], chunk_mask], dim=1)
         prompt_lengths = prompt_mask.sum(dim=1)

@@ -43,11 +43,14 @@ def prompt_keys(x: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Route:
-    """The routing decision for one query: expert index (or NO_EXPERT), best similarity, anchor row."""
+    """The routing decision for one query: expert index (or NO_EXPERT), best similarity, anchor row, and
+    the threshold that applied to it (None: the anchor's subject is not in the query, so it could not
+    match at any similarity)."""
 
     expert: int
     similarity: float
     anchor: int
+    threshold: float | None = None
 
 
 UNBOUNDED_SPAN = 1 << 30  # anchors stored before spans were recorded: the expert acts on every later token
@@ -169,14 +172,17 @@ class AnchorIndex:
 
     def _best(self, candidates: list[tuple[float, float, int]], key: np.ndarray) -> Route:
         """The most similar candidate at or above its threshold (ties: the newest expert, as a later
-        edit overwrites); none: NO_EXPERT with the best similarity of any anchor (for reporting)."""
-        passing = [(s, a) for s, t, a in candidates if s >= t]
+        edit overwrites). None passes: NO_EXPERT with the nearest anchor (for reporting), and its threshold
+        if it was a candidate at all."""
+        passing = [(s, t, a) for s, t, a in candidates if s >= t]
         if not passing:
             sims, rows = self.index.search(key[None, :], 1)
-            return Route(NO_EXPERT, float(sims[0, 0]), int(rows[0, 0]))
-        best = max(s for s, _ in passing)
-        expert, anchor = max((self.experts[a], a) for s, a in passing if s >= best - _TIE)
-        return Route(int(expert), best, int(anchor))
+            nearest = int(rows[0, 0])
+            threshold = next((t for _, t, a in candidates if a == nearest), None)
+            return Route(NO_EXPERT, float(sims[0, 0]), nearest, threshold)
+        best = max(s for s, _, _ in passing)
+        expert, anchor, threshold = max((self.experts[a], a, t) for s, t, a in passing if s >= best - _TIE)
+        return Route(int(expert), best, int(anchor), threshold)
 
 
 class PaperRouter(torch.nn.Module):
