@@ -66,6 +66,17 @@ def test_clone_has_the_full_log_and_identical_versions(origin, tmp_path):
         assert torch.equal(_logits(copy, rev, prompts), _logits(origin, rev, prompts)), rev
 
 
+def test_ask_and_blame_in_a_clone_name_the_commits_the_origin_names(origin, tmp_path):
+    """Objects that arrive by clone or pull are indexed as their refs move (no `reindex` needed)."""
+    _lemoe("clone", str(_remote_dir(origin)), str(tmp_path / "copy"))
+    copy = Repo.open(tmp_path / "copy")
+    for fact in tiny_facts():
+        theirs, ours = origin.ask(fact.prompt, max_new_tokens=2), copy.ask(fact.prompt, max_new_tokens=2)
+        assert ours.commit is not None and (ours.commit, ours.expert) == (theirs.commit, theirs.expert)
+        blamed = copy.blame(fact.prompt, max_new_tokens=2)
+        assert blamed.routed_commit == ours.commit and all(m.commit for m in blamed.matches)
+
+
 def test_pull_fast_forwards_and_refuses_a_diverged_branch(origin, tmp_path):
     remote = tmp_path / "remote"
     shutil.copytree(_remote_dir(origin), remote)  # this test moves the remote's refs: use a copy

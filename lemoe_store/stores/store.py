@@ -119,7 +119,7 @@ class Store:
             if current != expected:
                 raise RefConflictError(f"HEAD moved (expected {expected}, found {current})")
             self.refs.set_head(cid, message)
-        idx.set_refs(self.db_raw(), self.all_refs())
+        self.sync_index()  # a ref may now reach commits that came in as objects (pull, clone)
 
     def add_commit(self, commit: Commit, expected_head: str | None) -> str:
         """Store `commit` and make it HEAD, if HEAD is still `expected_head`."""
@@ -223,7 +223,7 @@ class Store:
     def move_ref(self, ref: str, old: str | None, new: str, message: str) -> None:
         """Point `ref` (full name) at `new` if it still points at `old` (None: create it)."""
         self.refs.set_if_equals(ref, old, check_object_id(new), message)
-        idx.set_refs(self.db_raw(), self.all_refs())
+        self.sync_index()  # a ref may now reach commits that came in as objects (pull, clone)
 
     def delete_ref(self, prefix: str, name: str) -> str:
         check_ref_name(name, "branch" if prefix == HEADS else "tag")
@@ -231,7 +231,7 @@ class Store:
         if current is None:
             raise StoreError(f"{'branch' if prefix == HEADS else 'tag'} {name!r} not found")
         self.refs.set_if_equals(f"{prefix}{name}", current, None, "deleted")
-        idx.set_refs(self.db_raw(), self.all_refs())
+        self.sync_index()  # a ref may now reach commits that came in as objects (pull, clone)
         return current
 
     def create_branch(self, name: str, cid: str) -> None:
