@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lemoe_store.editing import EditConfig, Editor, detach, evaluate, find_adaptor, plan
+from lemoe_store.bench.runner import code_version
 from lemoe_store.editing.batching import encode_prompt
 from lemoe_store.models import load_model
 from lemoe_store.repo import artifact_to_blobs
@@ -121,7 +122,8 @@ def main() -> None:
               f"{cell(row, 'routing_locality')} | {row['s_per_fact']:.3f} | {row['bytes_per_fact']:,} | "
               f"{row['routed_over_base_forward']:.2f} |", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": config.to_dict(), "data": args.data, "records": args.records,
+    args.out.write_text(json.dumps({"commit": code_version(), "config": config.to_dict(), "data": args.data,
+                                    "records": args.records,
                                     "protocol": args.protocol, "rows": rows}, indent=2))
     if args.samples:
         args.samples.write_text(json.dumps(samples, indent=1, ensure_ascii=False))

@@ -10,6 +10,7 @@ they cost little) or `both`; the base model's generations are taken once, before
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -58,6 +59,21 @@ class Result:
     base_fluency: float | None = None
     degenerate: float | None = None
     base_degenerate: float | None = None
+
+
+def code_version() -> str | None:
+    """The git commit of the code that runs (with "+dirty" when it has uncommitted changes), so a results
+    file says which code produced it; None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def irrelevant_pool(tokenizer, facts: list[Fact]) -> list[Pair]:

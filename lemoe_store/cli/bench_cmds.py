@@ -11,7 +11,7 @@ from rich.table import Table
 
 from .. import models
 from ..bench import DEFAULT_METHODS, BenchSettings, Result, run_grid, save
-from ..bench.runner import PROTOCOLS, irrelevant_pool
+from ..bench.runner import PROTOCOLS, code_version, irrelevant_pool
 from ..schemas.facts import load_facts
 from .output import console, err_console, fmt, print_json
 
@@ -54,7 +54,7 @@ def _run(mode: str, methods: str, sizes: str, data: Path, irrelevant: Path, batc
     began = time.perf_counter()
 
     meta = {"mode": mode, "data": str(data), "model": model, "layer": layer, "batch_size": batch_size,
-            "protocol": protocol}
+            "protocol": protocol, "commit": code_version()}
     done: list[Result] = []
 
     def started(name: str, size: int) -> None:
