@@ -358,3 +358,23 @@ def test_batched_free_generation_answers_as_one_prompt_at_a_time(llama):
     scores = evaluate(model, tokenizer, facts[:6], generate=True)
     assert scores.wild_rel is not None and scores.wild_loc == 1.0
     assert {s["kind"] for s in scores.samples} == {"edit", "rephrase", "locality"}
+
+
+def test_context_copies_teach_the_fact_behind_a_prefix_without_becoming_anchors(llama):
+    model, tokenizer = llama
+    facts = tiny_facts()[:4]
+    config = EditConfig(**{**CONFIG, "context_templates": 2, "threshold": 0.5, "subject_threshold": 0.3})
+    editor = Editor(model, tokenizer, config)
+    prefixes = editor.prefixes()
+    assert len(prefixes) == 2 and all(p.endswith(". ") for p in prefixes)
+    artifact = editor.edit(facts)
+    assert len(artifact.anchor_facts) == len(facts)  # copies are trained, never anchors
+    assert 0 < artifact.stats["context_copies_trained"] <= 2 * len(facts)
+    taught = 0
+    for fact in facts:
+        prompt = prefixes[0] + fact.prompt
+        answer = encode_pair(tokenizer, prompt, fact.target).answer
+        if _route(model, tokenizer, prompt) == 0:
+            taught += 1
+            assert _greedy(model, tokenizer, prompt, len(answer)) == answer
+    assert taught > 0
