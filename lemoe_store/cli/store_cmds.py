@@ -260,11 +260,14 @@ def eval_(
 
 def _print_samples(samples: list[dict], per_kind: int) -> None:
     """A few generated answers of each kind, as they came out, with the base model's where it matters."""
+    def one_line(text: str) -> str:  # a continuation's newlines shown, not obeyed
+        return text.replace("\n", "\\n")
+
     for kind in ("edit", "rephrase", "locality"):
         for sample in [s for s in samples if s["kind"] == kind][:per_kind]:
             console.print(f"[dim]{kind:>8}[/] [bold]{sample['prompt']}[/]{sample['answer']}", highlight=False)
             if kind == "edit":
-                console.print(f"[dim]{'':>8} continues:[/]{sample['continuation']}", highlight=False)
+                console.print(f"[dim]{'':>8} continues:[/]{one_line(sample['continuation'])}", highlight=False)
             if kind == "locality":
                 console.print(f"[dim]{'':>8} base:[/]{sample['base_answer']}", highlight=False)
 
