@@ -19,7 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..schemas.facts import Fact
-from .adaptor import ROUTER_PREFIX, ExpertArtifact, LemoeAdaptor, RoutingDecision, attach, decoder_layers, find_adaptor
+from .adaptor import ROUTER_PREFIX, ExpertArtifact, LemoeAdaptor, RoutingDecision, attach, decoder_layers
 from .batching import Pair, encode_pair, left_pad, model_device, positions, routing_keys, teacher_forced_predictions
 from .config import EditConfig
 from .routing import NO_EXPERT, occurs
@@ -58,14 +58,13 @@ CONTEXT_STARTS = ("The weather today", "In the morning,", "My favourite book", "
 CONTEXT_TOKENS = 10
 
 
-def context_prefixes(model, tokenizer, count: int) -> list[str]:
+def context_prefixes(base_model, tokenizer, count: int) -> list[str]:
     """ROME's and WISE's context templates: short texts the base model writes itself (greedy, from fixed
     first words), each put before a fact's prompt as "<text>. <prompt>", so the expert learns its fact in
     more than one surrounding and leans on the fact's key rather than on one wording. (One-word starts, as
     ROME samples from, give loops under greedy decoding on small models: these read as prose.)"""
     starts = list(CONTEXT_STARTS[:count])
-    with find_adaptor(model).bypassed():
-        texts = greedy_texts(model, tokenizer, starts, CONTEXT_TOKENS, stopped=False)
+    texts = greedy_texts(base_model, tokenizer, starts, CONTEXT_TOKENS, stopped=False)
     return [" ".join(f"{start}{text}".split()).rstrip(".") + ". " for start, text in zip(starts, texts)]
 
 
@@ -123,7 +122,8 @@ class Editor:
     def prefixes(self) -> list[str]:
         """The context prefixes of `config.context_templates` (written once by the base model)."""
         if self._prefixes is None:
-            self._prefixes = context_prefixes(self.model, self.tokenizer, self.config.context_templates)
+            with self.adaptor.bypassed():  # written by the base model, whatever experts are attached
+                self._prefixes = context_prefixes(self.model, self.tokenizer, self.config.context_templates)
         return self._prefixes
 
     def keys(self, prompts: list[str]) -> torch.Tensor:

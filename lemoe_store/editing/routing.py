@@ -58,10 +58,8 @@ UNBOUNDED_SPAN = 1 << 30  # anchors stored before spans were recorded: the exper
 
 def occurs(sequence: Sequence[int], tokens: Sequence[int]) -> bool:
     """Whether `sequence` appears contiguously in `tokens`."""
-    width = len(sequence)
-    first = sequence[0]
-    return any(tokens[i] == first and list(tokens[i : i + width]) == list(sequence)
-               for i in range(len(tokens) - width + 1))
+    target, width = tuple(sequence), len(sequence)
+    return any(tuple(tokens[i : i + width]) == target for i in range(len(tokens) - width + 1))
 
 
 class SubjectLookup:
@@ -156,6 +154,7 @@ class AnchorIndex:
         query = np.ascontiguousarray(keys.detach().cpu().float().numpy())
         open_sims, open_ids = (self.open_index.search(query, min(8, self.open_index.ntotal))
                                if self.open_index.ntotal else (None, None))
+        nearest_sims, nearest_rows = self.index.search(query, 1)  # reported where nothing routes
         routes = []
         for row, key in enumerate(query):
             # (similarity, threshold, anchor) of every anchor this query may match
@@ -167,19 +166,17 @@ class AnchorIndex:
             if subject_rows:
                 stored = self.index.reconstruct_batch(np.asarray(subject_rows, dtype=np.int64))
                 candidates += [(float(s), self.subject_threshold, a) for s, a in zip(stored @ key, subject_rows)]
-            routes.append(self._best(candidates, key))
+            routes.append(self._best(candidates, float(nearest_sims[row, 0]), int(nearest_rows[row, 0])))
         return routes
 
-    def _best(self, candidates: list[tuple[float, float, int]], key: np.ndarray) -> Route:
+    def _best(self, candidates: list[tuple[float, float, int]], nearest_sim: float, nearest: int) -> Route:
         """The most similar candidate at or above its threshold (ties: the newest expert, as a later
         edit overwrites). None passes: NO_EXPERT with the nearest anchor (for reporting), and its threshold
         if it was a candidate at all."""
         passing = [(s, t, a) for s, t, a in candidates if s >= t]
         if not passing:
-            sims, rows = self.index.search(key[None, :], 1)
-            nearest = int(rows[0, 0])
             threshold = next((t for _, t, a in candidates if a == nearest), None)
-            return Route(NO_EXPERT, float(sims[0, 0]), nearest, threshold)
+            return Route(NO_EXPERT, nearest_sim, nearest, threshold)
         best = max(s for s, _, _ in passing)
         expert, anchor, threshold = max((self.experts[a], a, t) for s, t, a in passing if s >= best - _TIE)
         return Route(int(expert), best, int(anchor), threshold)
