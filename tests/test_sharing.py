@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from conftest import tiny_facts
 from lemoe_store import load_version
 from lemoe_store.cli import app
+from lemoe_store.editing import find_adaptor
 from lemoe_store.editing.batching import encode_prompt
 from lemoe_store.repo import Repo
 from lemoe_store.stores.maintenance import fsck
@@ -173,3 +174,20 @@ def test_export_then_load_version_in_a_fresh_process_gives_the_same_logits(origi
     assert torch.equal(torch.cat(rows), expected)
     result = runner.invoke(app, ["export", "HEAD", str(light), "--store", str(origin.store.root)])
     assert result.exit_code == 1 and "not an empty directory" in result.output
+
+
+def test_an_export_keeps_each_anchors_span_and_subject(origin, tmp_path):
+    """What routing needs beyond the keys travels too: the span closes the gate after the answer, the
+    subject keeps neighbours out; an exported version generates exactly as the store's version does."""
+    out = tmp_path / "export"
+    _lemoe("export", "HEAD", str(out), "--store", str(origin.store.root))
+    model, tokenizer = load_version(out, device="cpu")
+    exported = find_adaptor(model).anchors
+    stored, _ = origin.model_at("HEAD")
+    anchors = find_adaptor(stored).anchors
+    assert exported.spans.tolist() == anchors.spans.tolist() and max(anchors.spans) < 10
+    assert exported.subjects.by_first_token == anchors.subjects.by_first_token and anchors.subjects.by_first_token
+    prompt = torch.tensor([encode_prompt(tokenizer, tiny_facts()[0].prompt)])
+    options = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                   pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(model.generate(input_ids=prompt, **options), stored.generate(input_ids=prompt, **options))
