@@ -161,3 +161,17 @@ def test_ask_explains_the_routing_decision_it_made(tmp_path, tiny_llama_dir):
     assert answer["expert"] is None and answer["threshold"] is None and answer["similarity"] > 0.5
     text = runner.invoke(app, ["ask", "The official language of Kestria is", *store]).output
     assert "names a subject this prompt does not contain" in text and "<" not in text
+
+
+def test_eval_generate_prints_both_protocols_and_real_answers(repo):
+    store = ["--store", str(repo.store.root)]
+    result = runner.invoke(app, ["eval", "--generate", "--json", "--samples", "1", *store])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output)
+    keys = ("rel", "gen", "loc", "wild_rel", "wild_gen", "wild_loc", "fluency", "base_fluency", "degenerate",
+            "base_degenerate")
+    assert all(isinstance(scores[k], float) for k in keys)
+    assert scores["wild_loc"] == 1.0  # the locality prompts route to no expert: answers identical to base
+    assert {s["kind"] for s in scores["samples"]} == {"edit", "rephrase", "locality"}
+    table = runner.invoke(app, ["eval", "--generate", "--samples", "1", *store]).output
+    assert "WILD Rel" in table and "continues:" in table and "base:" in table
