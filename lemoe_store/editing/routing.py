@@ -56,10 +56,14 @@ class Route:
 UNBOUNDED_SPAN = 1 << 30  # anchors stored before spans were recorded: the expert acts on every later token
 
 
+def occurs_at(tokens: Sequence[int], position: int, sequence: Sequence[int]) -> bool:
+    """Whether `sequence` appears in `tokens` starting at `position`."""
+    return tuple(tokens[position : position + len(sequence)]) == tuple(sequence)
+
+
 def occurs(sequence: Sequence[int], tokens: Sequence[int]) -> bool:
     """Whether `sequence` appears contiguously in `tokens`."""
-    target, width = tuple(sequence), len(sequence)
-    return any(tuple(tokens[i : i + width]) == target for i in range(len(tokens) - width + 1))
+    return any(occurs_at(tokens, i, sequence) for i in range(len(tokens) - len(sequence) + 1))
 
 
 class SubjectLookup:
@@ -76,7 +80,7 @@ class SubjectLookup:
         found: set[int] = set()
         for position, token in enumerate(tokens):
             for anchor, sequence in self.by_first_token.get(int(token), ()):
-                if tuple(tokens[position : position + len(sequence)]) == sequence:
+                if occurs_at(tokens, position, sequence):
                     found.add(anchor)
         return sorted(found)
 
@@ -89,10 +93,10 @@ class AnchorIndex:
     token sequences (none: matched by similarity alone).
     """
 
-    def __init__(self, dim: int, threshold: float, subject_threshold: float | None = None) -> None:
+    def __init__(self, dim: int, threshold: float, subject_threshold: float) -> None:
         self.dim = dim
         self.threshold = threshold
-        self.subject_threshold = threshold if subject_threshold is None else subject_threshold
+        self.subject_threshold = subject_threshold
         self.index = faiss.IndexFlatIP(dim)  # every anchor (blame searches it)
         self.open_index = faiss.IndexFlatIP(dim)  # anchors without a subject: matched by similarity alone
         self.open_rows = np.zeros(0, dtype=np.int64)  # open_index row -> anchor row
