@@ -12,11 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import torch
 
-from . import models
+from . import audit, models
+from .audit import AuditRecord
 from .editing import EditConfig, Editor, ExpertArtifact, Scores, attach, evaluate, find_adaptor, plan
 from .editing.adaptor import decoder_layers
 from .editing.batching import encode_prompt, model_device, routing_keys
@@ -30,6 +32,24 @@ from .stores.tensors import pack, unpack
 
 Progress = Callable[[dict], None]
 ATTACHED_UNKNOWN = "<unknown>"  # the loaded model's experts match no known version: re-attach on next use
+
+
+@dataclass(frozen=True)
+class RouteInfo:
+    """How one prompt was routed at a version: which commit's expert answered, or None for the base model."""
+
+    commit: str | None  # the commit that introduced the routed expert; None: base model answered
+    expert: int | None  # position of the routed expert in the version's tree
+    similarity: float | None
+    fact_id: str | None  # the fact whose anchor matched best (or, unrouted, the nearest anchor's)
+    threshold: float | None = None  # the threshold that applied; None: that anchor's subject is not in the prompt
+
+    @property
+    def routed(self) -> bool:
+        return self.expert is not None
+
+
+UNROUTED = RouteInfo(None, None, None, None)
 
 
 @dataclass
@@ -147,6 +167,20 @@ class Repo(HistoryMixin):
         if rev is None:
             return self.store.head()[1]
         return self.store.resolve(rev)
+
+    def resolve(self, rev: str) -> str:
+        """The commit id `rev` names (HEAD, a branch, a tag, a unique short id, with ~N / ^)."""
+        return self.store.resolve(rev)
+
+    def head(self) -> tuple[str | None, str | None]:
+        """(branch HEAD is on, or None when detached; its commit, or None before the first commit)."""
+        return self.store.head()
+
+    def branches(self) -> dict[str, str]:
+        return self.store.branches()
+
+    def tags(self) -> dict[str, str]:
+        return self.store.tags()
 
     def facts_at(self, rev: str | None = None) -> list[Fact]:
         """Every fact of a version, in edit order; a later edit of the same prompt replaces the earlier."""
@@ -330,18 +364,23 @@ class Repo(HistoryMixin):
             pad_token_id=tokenizer.pad_token_id,
         )
         text = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True)
+        route = self.last_route(model, cid)
+        return Answer(prompt, text, cid, route.commit, route.expert, route.similarity, route.fact_id, route.threshold)
+
+    def last_route(self, model: torch.nn.Module, cid: str | None) -> RouteInfo:
+        """How the last prompt `model` ran (its first row) was routed, with `cid`'s experts attached."""
         adaptor = find_adaptor(model)
-        answer = Answer(prompt, text, cid, None, None, None, None)
-        if adaptor is not None and adaptor.last_routes:
-            route = adaptor.last_routes[0]
-            if route.anchor >= 0:
-                answer.similarity, answer.threshold = route.similarity, route.threshold
-                answer.fact_id = adaptor.anchor_facts[route.anchor]
-            if route.expert != NO_EXPERT:
-                answer.expert = route.expert
-                entry = self.store.read_commit(cid).tree[route.expert]
-                answer.commit = self.introducing_commit(entry.expert)
-        return answer
+        if adaptor is None or not adaptor.last_routes:
+            return UNROUTED
+        route = adaptor.last_routes[0]
+        if route.anchor < 0:
+            return UNROUTED
+        fact_id = adaptor.anchor_facts[route.anchor]
+        if route.expert == NO_EXPERT:
+            return RouteInfo(None, None, route.similarity, fact_id, route.threshold)
+        entry = self.store.read_commit(cid).tree[route.expert]
+        return RouteInfo(self.introducing_commit(entry.expert), route.expert, route.similarity, fact_id,
+                         route.threshold)
 
     def evaluate(self, facts: list[Fact] | None = None, rev: str | None = None, *, generate: bool = False) -> Scores:
         """Teacher-forced Rel/Gen/Loc at a version; with `generate`, the free-generation metrics too."""
@@ -351,6 +390,20 @@ class Repo(HistoryMixin):
             raise StoreError("no facts to evaluate at this version")
         model, tokenizer = self.model_at(cid)
         return evaluate(model, tokenizer, facts, generate=generate)
+
+    # -- the audit trail of served answers ----------------------------------------------------------------
+    def audit(self, *, commit: str | None = None, fact_id: str | None = None, since: datetime | None = None,
+              limit: int | None = None) -> list[AuditRecord]:
+        """Answers `lemoe serve` gave, oldest first; `commit` is a revision whose expert answered, or "base"."""
+        routed = commit if commit in (None, audit.BASE) else self.resolve(commit)
+        return audit.read_audit(self.store.root, commit=routed, fact_id=fact_id, since=since, limit=limit)
+
+    def served_answers(self, rev: str) -> int:
+        """How many served answers the expert introduced by `rev` gave."""
+        return audit.count_served(self.store.root, self.resolve(rev))
+
+    def audit_writer(self) -> audit.AuditWriter:
+        return audit.AuditWriter(self.store.root)
 
     def status(self) -> dict:
         branch, cid = self.store.head()

@@ -48,11 +48,12 @@ def _root(
     """Edit a language model fact by fact; every edit batch is a commit you can log, check out and undo."""
 
 
-from . import bench_cmds, history_cmds, quickstart, sharing_cmds, store_cmds  # noqa: E402  (they register their commands on `app`)
+from . import bench_cmds, history_cmds, quickstart, serve_cmds, sharing_cmds, store_cmds  # noqa: E402  (they register their commands on `app`)
 
 store_cmds.register(app)
 history_cmds.register(app)
 sharing_cmds.register(app)
+serve_cmds.register(app)
 bench_cmds.register(app)
 quickstart.register(app)
 

@@ -100,9 +100,13 @@ def revert(
 ) -> None:
     """Write a new commit without REV's expert; everything else stays."""
     repo = Repo.open(store)
+    served = repo.served_answers(rev)
+    if not json_:
+        console.print(f"{served} served answer(s) came from the expert of {rev} (see `lemoe audit --commit {rev}`)",
+                      highlight=False)
     cid = repo.revert(rev, message)
     if json_:
-        print_json({"id": cid})
+        print_json({"id": cid, "served_answers": served})
     else:
         console.print(f"[yellow]{short(cid)}[/] {repo.store.read_commit(cid).subject}", highlight=False)
 

@@ -10,7 +10,7 @@ Usable on its own from a notebook:
 This package knows nothing about storage; `lemoe_store.repo` persists what it trains.
 """
 
-from .adaptor import Expert, ExpertArtifact, LemoeAdaptor, attach, detach, find_adaptor
+from .adaptor import Expert, ExpertArtifact, LemoeAdaptor, attach, detach, find_adaptor, reattach
 from .config import PLANS, EditConfig
 from .editor import Editor
 from .metrics import Scores, evaluate
@@ -29,4 +29,5 @@ __all__ = [
     "evaluate",
     "find_adaptor",
     "plan",
+    "reattach",
 ]

@@ -308,6 +308,12 @@ def attach(model: nn.Module, experts: list[ExpertArtifact], config: EditConfig) 
     return adaptor
 
 
+def reattach(model: nn.Module, adaptor: LemoeAdaptor) -> LemoeAdaptor:
+    """Put back an adaptor built by `attach` on this model earlier (replacing any other): switching
+    between versions this way costs no loading."""
+    return insert(model, lambda _mlp, _hidden: adaptor, adaptor.layer)
+
+
 def insert(model: nn.Module, make: Callable[[nn.Module, int], LemoeAdaptor], layer_index: int) -> LemoeAdaptor:
     """Wrap layer `layer_index`'s MLP in `make(mlp, hidden)` (an adaptor, or a subclass routing its own way)."""
     detach(model)

@@ -4,6 +4,7 @@ This package trains nothing and knows no model; `lemoe_store.repo` composes it w
 """
 
 from .errors import (
+    AmbiguousRevisionError,
     BadNameError,
     BadRevisionError,
     CorruptObjectError,
@@ -17,6 +18,7 @@ from .store import STORE_DIR, Store
 
 __all__ = [
     "STORE_DIR",
+    "AmbiguousRevisionError",
     "BadNameError",
     "BadRevisionError",
     "Commit",

@@ -13,6 +13,10 @@ class BadRevisionError(StoreError):
     pass
 
 
+class AmbiguousRevisionError(BadRevisionError):
+    """A short commit id that more than one commit starts with."""
+
+
 class BadNameError(StoreError):
     pass
 

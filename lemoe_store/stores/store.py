@@ -21,7 +21,7 @@ import sqlite_utils
 
 from ..schemas import first_error
 from . import index as idx
-from .errors import BadRevisionError, NotAStoreError, RefConflictError, StoreError
+from .errors import AmbiguousRevisionError, BadRevisionError, NotAStoreError, RefConflictError, StoreError
 from .fsutil import TEMP_PREFIX, atomic_write
 from .lock import store_lock
 from .manifest import Commit
@@ -171,7 +171,7 @@ class Store:
             if len(matches) == 1:
                 return matches[0]
             if len(matches) > 1:
-                raise BadRevisionError(f"short id {base!r} is ambiguous ({len(matches)} commits)")
+                raise AmbiguousRevisionError(f"short id {base!r} is ambiguous ({len(matches)} commits)")
         raise BadRevisionError(f"unknown revision {base!r}")
 
     def closure(self, starts: set[str]) -> set[str]:
