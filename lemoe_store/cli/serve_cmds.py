@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..repo import Repo
-from .output import JsonOption, StoreOption, console, err_console, fmt, print_json, short
+from .output import JsonOption, StoreOption, console, err_console, fmt, print_json
 
 
 def serve(
@@ -61,13 +61,16 @@ def audit(
     if json_:
         print_json([r.to_dict() for r in records])
         return
-    table = Table("time", "model", "version", "answered by", "fact", "similarity", "prompt", box=None)
+    table = Table(box=None)
+    for column in ("time", "model", "version", "answered by", "fact", "sim"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("prompt", no_wrap=True, overflow="ellipsis", min_width=12)
     for r in records:
-        when = dt.datetime.fromtimestamp(r.time).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-        answered = "base" if r.routed_commit == "base" else f"{short(r.routed_commit)} (expert {r.expert})"
+        when = dt.datetime.fromtimestamp(r.time).astimezone().strftime("%m-%d %H:%M:%S")
+        answered = "base" if r.routed_commit == "base" else f"{r.routed_commit[:8]} #{r.expert}"
         prompt = r.prompt if r.prompt is not None else f"sha256:{r.prompt_sha256[:12]}"
-        table.add_row(when, r.model, short(r.version), answered, r.fact_id or "-", fmt(r.similarity),
-                      prompt.replace("\n", " ")[:60])
+        table.add_row(when, r.model, r.version[:8], answered, r.fact_id or "-", fmt(r.similarity, 2),
+                      prompt.replace("\n", " "))
     console.print(table)
     console.print(f"{len(records)} answer(s)", style="dim")
 

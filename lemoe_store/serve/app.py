@@ -75,8 +75,8 @@ def create_app(engine: Engine, audit: AuditWriter, *, api_key: str | None = None
     async def list_models() -> dict:
         models = await engine.call(engine.models)
         return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "lemoe", "lemoe": {"version": cid}}
-            for name, cid in models]}
+            {"id": name, "object": "model", "created": int(created), "owned_by": "lemoe", "lemoe": {"version": cid}}
+            for name, cid, created in models]}
 
     @app.post("/v1/completions", dependencies=[Depends(authorised)])
     async def completions(body: CompletionRequest):

@@ -124,8 +124,8 @@ class Engine:
                                 f"commit id prefix of 4 or more, or HEAD~N); GET /v1/models lists them")
         return self.repo.resolve(rev)
 
-    def models(self) -> list[tuple[str, str]]:
-        """(model name, commit) for the served default, HEAD, every branch and every tag."""
+    def models(self) -> list[tuple[str, str, float]]:
+        """(model name, commit, commit time) for the served default, HEAD, every branch and every tag."""
         names = []
         for name, rev in ((DEFAULT_MODEL, self.default_rev), (f"{MODEL_PREFIX}HEAD", "HEAD")):
             try:
@@ -134,7 +134,7 @@ class Engine:
                 pass
         names += [(f"{MODEL_PREFIX}{b}", cid) for b, cid in sorted(self.repo.branches().items())]
         names += [(f"{MODEL_PREFIX}{t}", cid) for t, cid in sorted(self.repo.tags().items())]
-        return names
+        return [(name, cid, self.repo.log(cid, limit=1)[0][1].time) for name, cid in names]
 
     def encode_completion(self, prompt: str) -> list[int]:
         _, tokenizer = self.repo.base_model()
