@@ -239,6 +239,10 @@ def test_sigterm_stops_cleanly_and_the_audit_trail_lists_and_counts_answers(serv
     rows = json.loads(listed.output)
     assert rows and {r["routed_commit"] for r in rows} == {first}
     assert all(r["prompt"] and len(r["prompt_sha256"]) == 64 for r in rows)
+    total = len(repo.audit())
+    for maintenance in (["reindex"], ["gc", "--prune"]):  # the audit trail is not derived data
+        assert runner.invoke(app, [*maintenance, "--store", str(repo.store.root)]).exit_code == 0
+    assert len(repo.audit()) == total
     reverted = runner.invoke(app, ["revert", "v1", "--store", str(repo.store.root)])
     assert reverted.exit_code == 0 and f"{len(rows)} served answer(s)" in reverted.output
 
