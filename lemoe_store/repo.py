@@ -14,21 +14,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import audit, models
 from .audit import AuditRecord
-from .editing import EditConfig, Editor, ExpertArtifact, Scores, attach, evaluate, find_adaptor, plan
-from .editing.adaptor import decoder_layers
-from .editing.batching import encode_prompt, model_device, routing_keys
-from .editing.routing import NO_EXPERT
+from .editing.config import EditConfig
 from .history import HistoryMixin
+from .sharing import SharingMixin
 from .schemas.facts import Fact, canonical_jsonl, find_duplicates_and_conflicts
 from .stores import Commit, CorruptObjectError, Store, StoreError, TreeEntry
 from .stores import index as idx
 from .stores.refs import current_user
 from .stores.tensors import pack, unpack
+
+if TYPE_CHECKING:  # the engine (torch, transformers) loads only when a command needs a model
+    import torch
+
+    from .editing import ExpertArtifact, Scores
 
 Progress = Callable[[dict], None]
 ATTACHED_UNKNOWN = "<unknown>"  # the loaded model's experts match no known version: re-attach on next use
@@ -85,7 +87,7 @@ def artifact_to_blobs(artifact: ExpertArtifact) -> tuple[bytes, bytes]:
     return expert, anchors
 
 
-class Repo(HistoryMixin):
+class Repo(HistoryMixin, SharingMixin):
     def __init__(self, store: Store, device: str = "auto") -> None:
         self.store = store
         self.device = device
@@ -103,6 +105,8 @@ class Repo(HistoryMixin):
         progress: Callable[[str], None] | None = None,
         **edit: object,
     ) -> Repo:
+        from .editing.adaptor import decoder_layers
+
         source = models.resolve_model(model, progress)
         base, _ = models.load_model(model, device="cpu")
         layers = len(decoder_layers(base))
@@ -145,6 +149,8 @@ class Repo(HistoryMixin):
         return [self._artifact(entry) for entry in self.store.read_commit(cid).tree]
 
     def _artifact(self, entry: TreeEntry) -> ExpertArtifact:
+        from .editing import ExpertArtifact
+
         try:
             weights, meta = unpack(self.store.objects.get(entry.expert), entry.expert)
             anchors, anchor_meta = unpack(self.store.objects.get(entry.anchors), entry.anchors)
@@ -155,7 +161,16 @@ class Repo(HistoryMixin):
                               anchor_meta.get("spans"), anchor_meta.get("subjects"))
 
     def model_at(self, rev: str | None = None):
-        """(model, tokenizer) with exactly the experts of `rev`'s tree attached (HEAD by default)."""
+        """(model, tokenizer): a new, independent base model with exactly `rev`'s experts attached (HEAD by
+        default). Two calls give two models; `old, _ = repo.model_at("v1")` stays at v1."""
+        from .export import load_version
+
+        return load_version(self, rev, device=self.device)
+
+    def _shared_model_at(self, rev: str | None):
+        """The repo's one loaded model, switched to `rev`'s experts (what ask, eval, blame and diff reuse)."""
+        from .editing import attach
+
         cid = self._resolve_or_none(rev)
         model, tokenizer = self.base_model()
         if self._attached != cid:
@@ -182,6 +197,23 @@ class Repo(HistoryMixin):
     def tags(self) -> dict[str, str]:
         return self.store.tags()
 
+    def refs(self) -> dict[str, str]:
+        """Every branch and tag by full name (refs/heads/..., refs/tags/...)."""
+        return self.store.all_refs()
+
+    def get_commit(self, rev: str) -> Commit:
+        """The manifest of the commit `rev` names."""
+        return self.store.read_commit(self.resolve(rev))
+
+    @property
+    def base_model_id(self) -> str:
+        return self.store.config["base_model"]["id"]
+
+    @property
+    def path(self) -> Path:
+        """The store's directory (.lemoe)."""
+        return self.store.root
+
     def facts_at(self, rev: str | None = None) -> list[Fact]:
         """Every fact of a version, in edit order; a later edit of the same prompt replaces the earlier."""
         cid = self._resolve_or_none(rev)
@@ -198,6 +230,9 @@ class Repo(HistoryMixin):
     def plan_commit(self, facts: list[Fact], batch_size: int | None = None, order: str | None = None,
                     seed: int | None = None) -> CommitPlan:
         """Validate facts against the history and split them into batches (one expert each)."""
+        from .editing import plan
+        from .editing.batching import routing_keys
+
         if not facts:
             raise StoreError("nothing to commit: no facts given")
         config = self.config
@@ -212,7 +247,7 @@ class Repo(HistoryMixin):
         unique = [f for f in facts if id(f) not in dup_ids]
         known = {f.prompt: f.target for f in self.facts_at()}
         overwrites = [f.prompt for f in unique if f.prompt in known and known[f.prompt] != f.target]
-        model, tokenizer = self.model_at(None)
+        model, tokenizer = self._shared_model_at(None)
         keys = routing_keys(model, tokenizer, [f.prompt for f in unique])
         settings = {"order": order or config.plan, "batch_size": batch_size or config.batch_size,
                     "seed": config.seed if seed is None else seed}
@@ -261,6 +296,8 @@ class Repo(HistoryMixin):
         on_commit: Callable[[str, str | None, Commit], None],
     ) -> list[str]:
         """Train one expert per batch on top of `parent`'s tree; write chained commits; return their ids."""
+        from .editing import Editor, evaluate
+
         config = self.config
         config.seed = config.seed if seed is None else seed
         model, tokenizer = self.base_model()
@@ -350,11 +387,14 @@ class Repo(HistoryMixin):
         found = idx.commits_introducing(self.store.db, expert_id)
         return found[0] if found else None
 
-    @torch.no_grad()
     def ask(self, prompt: str, rev: str | None = None, max_new_tokens: int = 16) -> Answer:
         """Greedy answer at a version, with the routing decision that produced it."""
+        import torch
+
+        from .editing.batching import encode_prompt, model_device
+
         cid = self._resolve_or_none(rev)
-        model, tokenizer = self.model_at(cid)
+        model, tokenizer = self._shared_model_at(cid)
         ids = torch.tensor([encode_prompt(tokenizer, prompt)], device=model_device(model))
         output = model.generate(
             input_ids=ids,
@@ -369,6 +409,9 @@ class Repo(HistoryMixin):
 
     def last_route(self, model: torch.nn.Module, cid: str | None) -> RouteInfo:
         """How the last prompt `model` ran (its first row) was routed, with `cid`'s experts attached."""
+        from .editing import find_adaptor
+        from .editing.routing import NO_EXPERT
+
         adaptor = find_adaptor(model)
         if adaptor is None or not adaptor.last_routes:
             return UNROUTED
@@ -388,7 +431,9 @@ class Repo(HistoryMixin):
         facts = self.facts_at(cid) if facts is None else facts
         if not facts:
             raise StoreError("no facts to evaluate at this version")
-        model, tokenizer = self.model_at(cid)
+        from .editing import evaluate
+
+        model, tokenizer = self._shared_model_at(cid)
         return evaluate(model, tokenizer, facts, generate=generate)
 
     # -- the audit trail of served answers ----------------------------------------------------------------

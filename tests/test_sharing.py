@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import tiny_facts
-from lemoe_store import load_version
+from lemoe_store import LemoeError, load_version
 from lemoe_store.cli import app
 from lemoe_store.editing import find_adaptor
 from lemoe_store.editing.batching import encode_prompt
@@ -191,3 +191,47 @@ def test_an_export_keeps_each_anchors_span_and_subject(origin, tmp_path):
     options = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
                    pad_token_id=tokenizer.pad_token_id)
     assert torch.equal(model.generate(input_ids=prompt, **options), stored.generate(input_ids=prompt, **options))
+
+
+def test_attach_version_onto_a_users_own_model_in_another_dtype(origin, tiny_llama_dir, tiny_gpt2_dir):
+    """peft-style: the user loads the base model (bfloat16 here); attach_version checks its fingerprint,
+    attaches the version's experts and returns the same model; disable_experts gives the base model back."""
+    from transformers import AutoModelForCausalLM
+
+    from lemoe_store import attach_version, disable_experts, load_version
+
+    prompt = tiny_facts()[0].prompt
+    reference, tokenizer = load_version(origin.path, "HEAD~1", device="cpu")
+    own = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    ids = torch.tensor([encode_prompt(tokenizer, prompt)])
+    with torch.no_grad():
+        base = own(input_ids=ids).logits
+        assert attach_version(own, origin.path, "HEAD~1") is own
+        edited = own(input_ids=ids).logits
+        with disable_experts(own):
+            assert torch.equal(own(input_ids=ids).logits, base)
+        assert not torch.equal(edited, base) and edited.dtype == torch.bfloat16
+        assert torch.equal(edited.argmax(-1)[0, -1], reference(input_ids=ids).logits.argmax(-1)[0, -1])
+    assert len(find_adaptor(own).experts) == 2
+    other = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
+    with pytest.raises(LemoeError, match="refusing to mix models"):
+        attach_version(other, origin.path)
+    assert find_adaptor(other) is None
+
+
+def test_model_at_returns_independent_models(origin):
+    old, _ = origin.model_at("HEAD~2")
+    new, _ = origin.model_at("HEAD")
+    assert old is not new
+    assert (len(find_adaptor(old).experts), len(find_adaptor(new).experts)) == (1, 3)
+
+
+def test_one_import_gives_the_public_api():
+    import lemoe_store
+
+    for name in ("Repo", "Fact", "load_facts", "attach_version", "load_version", "disable_experts", "EditConfig",
+                 "LemoeError"):
+        assert name in lemoe_store.__all__ and getattr(lemoe_store, name) is not None
+    from lemoe_store import FactsError, ModelError, StoreError
+
+    assert all(issubclass(e, LemoeError) for e in (FactsError, ModelError, StoreError))

@@ -1,10 +1,24 @@
 """The side-by-side benchmark: LEMoE against FT-L, GRACE, WISE and a conventional MoE adaptor (+ ablations).
 
 Each peer is a small module behind one interface (`Method.edit(batch)`, `Method.model_for_eval()`) and
-shares the engine's data loaders and metric code; `runner` runs them on the same model and facts.
+shares the engine's data loaders and metric code; `runner` runs them on the same model and facts. Names
+load on first use, so the CLI can offer the method names without importing torch.
 """
 
-from .base import BenchSettings, Method
-from .runner import DEFAULT_METHODS, METHODS, Result, run_grid, save
+from __future__ import annotations
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "BenchSettings", "Method", "Result", "run_grid", "save"]
+import importlib
+
+DEFAULT_METHODS = ("lemoe", "ft-l", "grace", "wise", "moe")
+PROTOCOLS = ("tf", "wild", "both")  # teacher-forced, free generation (WILD), both
+
+_HOMES = {"BenchSettings": "base", "Method": "base", "METHODS": "runner", "Result": "runner", "run_grid": "runner",
+          "save": "runner", "code_version": "runner", "irrelevant_pool": "runner"}
+
+__all__ = ["DEFAULT_METHODS", "PROTOCOLS", *sorted(_HOMES)]
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

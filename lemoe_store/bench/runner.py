@@ -21,6 +21,7 @@ import torch
 from ..editing.batching import Pair
 from ..editing.metrics import BaseGenerations, base_generations, evaluate, locality_pairs, locality_predictions
 from ..schemas.facts import Fact
+from . import PROTOCOLS
 from .base import BenchSettings, Method
 from .ftl import FineTuneLayer
 from .grace import Grace
@@ -33,8 +34,6 @@ METHODS: dict[str, type[Method]] = {
     for cls in (Lemoe, FineTuneLayer, Grace, Wise, LearnedRouterMoE, LemoeNoPlan, LearnedRouterFrozenExperts,
                 LemoePaperRouting)
 }
-DEFAULT_METHODS = ("lemoe", "ft-l", "grace", "wise", "moe")
-PROTOCOLS = ("tf", "wild", "both")
 
 
 @dataclass

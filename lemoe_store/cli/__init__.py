@@ -6,21 +6,18 @@ import typer
 from typer.core import TyperGroup
 
 from .. import __version__
-from ..schemas.facts import FactsError
-from ..stores import StoreError
-from ..models import ModelError
+from ..errors import LemoeError
 from .output import err_console
-
-USER_ERRORS = (StoreError, FactsError, ModelError, ValueError)
 
 
 class _Group(TyperGroup):
-    """Turns a user error raised anywhere below into one red line on stderr and exit code 1."""
+    """Turns a user error (a `LemoeError`) raised anywhere below into one red line on stderr and exit
+    code 1; any other exception is a bug and keeps its traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as exc:
+        except LemoeError as exc:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 

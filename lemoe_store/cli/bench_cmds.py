@@ -10,8 +10,7 @@ import typer
 from rich.table import Table
 
 from .. import models
-from ..bench import DEFAULT_METHODS, BenchSettings, Result, run_grid, save
-from ..bench.runner import PROTOCOLS, code_version, irrelevant_pool
+from ..bench import DEFAULT_METHODS, PROTOCOLS
 from ..schemas.facts import load_facts
 from .output import console, err_console, fmt, print_json
 
@@ -44,6 +43,8 @@ def _sizes(text: str) -> list[int]:
 
 def _run(mode: str, methods: str, sizes: str, data: Path, irrelevant: Path, batch_size: int, model: str, layer: int,
          out: Path, json_: bool, protocol: str) -> None:
+    from ..bench import BenchSettings, code_version, irrelevant_pool, run_grid, save
+
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"--protocol takes one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     facts = load_facts(data, skipped=[])

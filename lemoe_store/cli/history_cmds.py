@@ -10,8 +10,6 @@ from rich.table import Table
 
 from ..editing.config import PLANS
 from ..repo import Repo
-from ..stores.maintenance import fsck as run_fsck
-from ..stores.maintenance import gc as run_gc
 from .output import JsonOption, StoreOption, console, fmt, print_json, short
 
 
@@ -32,14 +30,14 @@ def branch(
         cid = repo.branch(name, rev)
         console.print(f"Created branch {name} at {short(cid)}")
         return
-    current = repo.store.head()[0]
-    branches = repo.store.branches()
+    current = repo.head()[0]
+    branches = repo.branches()
     if json_:
         print_json({"current": current, "branches": branches})
         return
     for branch_name, cid in branches.items():
         mark = "*" if branch_name == current else " "
-        console.print(f"{mark} {branch_name:<20} {short(cid)} {repo.store.read_commit(cid).subject}", highlight=False)
+        console.print(f"{mark} {branch_name:<20} {short(cid)} {repo.get_commit(cid).subject}", highlight=False)
 
 
 def tag(
@@ -57,9 +55,9 @@ def tag(
     elif name and not list_:
         console.print(f"Tagged {short(repo.tag(name, rev))} as {name}")
     elif json_:
-        print_json(repo.store.tags())
+        print_json(repo.tags())
     else:
-        for tag_name, cid in repo.store.tags().items():
+        for tag_name, cid in repo.tags().items():
             console.print(f"{tag_name:<20} {short(cid)}", highlight=False)
 
 
@@ -108,7 +106,7 @@ def revert(
     if json_:
         print_json({"id": cid, "served_answers": served})
     else:
-        console.print(f"[yellow]{short(cid)}[/] {repo.store.read_commit(cid).subject}", highlight=False)
+        console.print(f"[yellow]{short(cid)}[/] {repo.get_commit(cid).subject}", highlight=False)
 
 
 def replay(
@@ -178,7 +176,7 @@ def blame(
 
 def fsck(store: StoreOption = None, json_: JsonOption = False) -> None:
     """Verify every object, ref, manifest and tree; exit 1 if anything is wrong."""
-    report = run_fsck(Repo.open(store).store)
+    report = Repo.open(store).fsck()
     if json_:
         print_json(asdict(report))
     else:
@@ -196,7 +194,7 @@ def gc(
     json_: JsonOption = False,
 ) -> None:
     """List (or --prune) objects no ref or reflog reaches, and leftover temp files."""
-    report = run_gc(Repo.open(store).store, prune)
+    report = Repo.open(store).gc(prune=prune)
     if json_:
         print_json({"unreachable": report.unreachable, "temp_files": [str(p) for p in report.temp_files],
                     "bytes": report.bytes, "pruned": report.pruned})

@@ -32,7 +32,7 @@ def serve(
     from ..serve import serve as run_server
 
     repo = Repo.open(store)
-    err_console.print(f"[dim]loading {repo.store.config['base_model']['id']} ...[/]")
+    err_console.print(f"[dim]loading {repo.base_model_id} ...[/]")
     run_server(repo, host=host, port=port, api_key=api_key, rev=rev, log_prompts=log_prompts,
                max_tokens_cap=max_tokens)
 

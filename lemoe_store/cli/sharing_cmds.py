@@ -8,11 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..export import export_version
 from ..repo import Repo
-from ..stores import Store
-from ..stores.remotes import Remotes, Transfer
-from ..stores.remotes import clone as clone_store
 from .output import JsonOption, StoreOption, console, print_json, short
 
 remote_app = typer.Typer(help="Manage the DVC remotes this store pushes to and pulls from.", no_args_is_help=True)
@@ -26,14 +22,14 @@ def remote_add(
     store: StoreOption = None,
 ) -> None:
     """Add a remote (the first one added becomes the default)."""
-    url = Remotes(Store.find(store)).add(name, url, default)
+    url = Repo.open(store).add_remote(name, url, default=default)
     console.print(f"Added remote {name} -> {url}", highlight=False)
 
 
 @remote_app.command("list")
 def remote_list(store: StoreOption = None, json_: JsonOption = False) -> None:
     """List remotes and their URLs."""
-    remotes = Remotes(Store.find(store)).list()
+    remotes = Repo.open(store).remotes()
     if json_:
         print_json(remotes)
         return
@@ -44,11 +40,11 @@ def remote_list(store: StoreOption = None, json_: JsonOption = False) -> None:
 @remote_app.command("remove")
 def remote_remove(name: Annotated[str, typer.Argument(help="Remote to forget.")], store: StoreOption = None) -> None:
     """Forget a remote (its data stays where it is)."""
-    Remotes(Store.find(store)).remove(name)
+    Repo.open(store).remove_remote(name)
     console.print(f"Removed remote {name}")
 
 
-def _render(report: Transfer, verb: str, json_: bool) -> None:
+def _render(report, verb: str, json_: bool) -> None:
     if json_:
         print_json(asdict(report))
         return
@@ -65,7 +61,7 @@ def push(
     json_: JsonOption = False,
 ) -> None:
     """Send the current branch (or --all) and its objects to a remote; fast-forward only."""
-    _render(Remotes(Store.find(store)).push(name, all_), "pushed to", json_)
+    _render(Repo.open(store).push(name, all_refs=all_), "pushed to", json_)
 
 
 def pull(
@@ -74,7 +70,7 @@ def pull(
     json_: JsonOption = False,
 ) -> None:
     """Fetch a remote's branches and tags, verify every object, fast-forward local refs (never overwrite)."""
-    _render(Remotes(Store.find(store)).pull(name), "pulled from", json_)
+    _render(Repo.open(store).pull(name), "pulled from", json_)
 
 
 def clone(
@@ -83,12 +79,12 @@ def clone(
     json_: JsonOption = False,
 ) -> None:
     """Make a new store from a remote: full log, every version checkable out; the remote becomes `origin`."""
-    cloned = clone_store(url, directory)
+    cloned = Repo.clone(url, directory)
     branch, head = cloned.head()
     if json_:
-        print_json({"store": str(cloned.root), "head": head, "branch": branch, "refs": cloned.all_refs()})
+        print_json({"store": str(cloned.path), "head": head, "branch": branch, "refs": cloned.refs()})
         return
-    console.print(f"Cloned into {cloned.root.parent}: {len(cloned.all_refs())} ref(s), on {branch} at {short(head)}",
+    console.print(f"Cloned into {cloned.path.parent}: {len(cloned.refs())} ref(s), on {branch} at {short(head)}",
                   highlight=False)
 
 
@@ -100,8 +96,10 @@ def export(
     json_: JsonOption = False,
 ) -> None:
     """Write one version as a peft-like folder that `lemoe_store.load_version(OUT_DIR)` loads."""
+    from ..export import export_version
+
     repo = Repo.open(store)
-    cid = repo.store.resolve(rev)
+    cid = repo.resolve(rev)
     out = export_version(repo, cid, out_dir, with_base)
     files = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     if json_:

@@ -93,7 +93,7 @@ def commit(
 
         created = repo.commit(loaded, message, batch_size, plan, seed, progress=progress,
                               on_wait=lambda msg: err_console.print(msg), on_plan=_report_input)
-    rows = [(cid, repo.store.read_commit(cid)) for cid in created]
+    rows = [(cid, repo.get_commit(cid)) for cid in created]
     if json_:
         print_json([{"id": cid, "message": c.message, "metrics": c.metrics} for cid, c in rows])
         return
@@ -190,13 +190,13 @@ def checkout(
     if rev is None and branch is None:
         raise typer.BadParameter("give a revision or -b BRANCH")
     cid = repo.checkout(rev or "HEAD", new_branch=branch)
-    name, _ = repo.store.head()
+    name, _ = repo.head()
     if json_:
         print_json({"head": cid, "branch": name})
     elif name:
         console.print(f"Switched to {'a new ' if branch else ''}branch '{name}' at {short(cid)}")
     else:
-        console.print(f"HEAD is now at {short(cid)} {repo.store.read_commit(cid).subject} (detached)", highlight=False)
+        console.print(f"HEAD is now at {short(cid)} {repo.get_commit(cid).subject} (detached)", highlight=False)
 
 
 def ask(
@@ -274,7 +274,7 @@ def _print_samples(samples: list[dict], per_kind: int) -> None:
 
 def reindex(store: StoreOption = None, json_: JsonOption = False) -> None:
     """Rebuild index.db and cache/ from objects and refs."""
-    count = Repo.open(store).store.reindex()
+    count = Repo.open(store).reindex()
     if json_:
         print_json({"commits": count})
     else:

@@ -7,27 +7,27 @@ Usable on its own from a notebook:
     artifact = editor.edit(facts[:10])          # one new frozen expert
     print(evaluate(model, tokenizer, facts[:10]))
 
-This package knows nothing about storage; `lemoe_store.repo` persists what it trains.
+This package knows nothing about storage; `lemoe_store.repo` persists what it trains. Names load on first
+use, so `EditConfig` (plain settings) comes without importing torch.
 """
 
-from .adaptor import Expert, ExpertArtifact, LemoeAdaptor, attach, detach, find_adaptor, reattach
-from .config import PLANS, EditConfig
-from .editor import Editor
-from .metrics import Scores, evaluate
-from .planning import plan
+from __future__ import annotations
 
-__all__ = [
-    "PLANS",
-    "EditConfig",
-    "Editor",
-    "Expert",
-    "ExpertArtifact",
-    "LemoeAdaptor",
-    "Scores",
-    "attach",
-    "detach",
-    "evaluate",
-    "find_adaptor",
-    "plan",
-    "reattach",
-]
+import importlib
+
+_HOMES = {
+    "Expert": "adaptor", "ExpertArtifact": "adaptor", "LemoeAdaptor": "adaptor", "attach": "adaptor",
+    "detach": "adaptor", "find_adaptor": "adaptor", "reattach": "adaptor",
+    "PLANS": "config", "EditConfig": "config",
+    "Editor": "editor",
+    "Scores": "metrics", "evaluate": "metrics",
+    "plan": "planning",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

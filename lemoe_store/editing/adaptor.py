@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ..errors import ModelError
 from .config import EditConfig
 from .routing import NO_EXPERT, AnchorIndex, PaperRouter, Route, prompt_keys
 
@@ -96,7 +97,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             return module
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+        raise ModelError(f"cannot find the decoder layers of {type(model).__name__}")
     return max(lists, key=len)
 
 
@@ -109,7 +110,7 @@ def _mlp_name(layer: nn.Module) -> str:
     for name in _MLP_NAMES:
         if isinstance(getattr(layer, name, None), nn.Module):
             return name
-    raise ValueError(f"cannot find the MLP of {type(layer).__name__} (looked for {', '.join(_MLP_NAMES)})")
+    raise ModelError(f"cannot find the MLP of {type(layer).__name__} (looked for {', '.join(_MLP_NAMES)})")
 
 
 class LemoeAdaptor(nn.Module):

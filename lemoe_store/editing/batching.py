@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import FactsError
 from .adaptor import LemoeAdaptor, find_adaptor
 
 
@@ -25,14 +26,14 @@ def answer_text(prompt: str, answer: str) -> str:
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     if not ids:
-        raise ValueError(f"prompt {prompt[:40]!r} encodes to no tokens")
+        raise FactsError(f"prompt {prompt[:40]!r} encodes to no tokens")
     return ids
 
 
 def encode_pair(tokenizer, prompt: str, answer: str) -> Pair:
     answer_ids = tokenizer(answer_text(prompt, answer), add_special_tokens=False)["input_ids"]
     if not answer_ids:
-        raise ValueError(f"answer {answer[:40]!r} encodes to no tokens")
+        raise FactsError(f"answer {answer[:40]!r} encodes to no tokens")
     return Pair(encode_prompt(tokenizer, prompt), answer_ids)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..errors import ConfigError
+
 ROUTINGS = ("kv-anchor", "kv-anchor-paper")
 PLANS = ("cluster", "subject", "original", "random", "reverse")
 
@@ -58,13 +60,13 @@ class EditConfig:
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, not {self.routing!r}")
+            raise ConfigError(f"routing must be one of {ROUTINGS}, not {self.routing!r}")
         if self.plan not in PLANS:
-            raise ValueError(f"plan must be one of {PLANS}, not {self.plan!r}")
+            raise ConfigError(f"plan must be one of {PLANS}, not {self.plan!r}")
         if not (0.0 < self.threshold <= 1.0 and 0.0 < self.subject_threshold <= 1.0):
-            raise ValueError("threshold and subject_threshold must be in (0, 1]")
+            raise ConfigError("threshold and subject_threshold must be in (0, 1]")
         if self.rank < 1 or self.batch_size < 1 or self.max_steps < 1:
-            raise ValueError("rank, batch_size and max_steps must be positive")
+            raise ConfigError("rank, batch_size and max_steps must be positive")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +82,7 @@ class EditConfig:
     def resolved_layer(self, num_layers: int) -> int:
         layer = round(0.6 * num_layers) if self.layer is None else self.layer
         if not 0 <= layer < num_layers:
-            raise ValueError(f"layer {layer} is outside the model's {num_layers} layers")
+            raise ConfigError(f"layer {layer} is outside the model's {num_layers} layers")
         return layer
 
     def resolved_key_layer(self, num_layers: int) -> int:
@@ -88,5 +90,5 @@ class EditConfig:
         if self.key_layer is None:
             return min(round(0.2 * num_layers), layer)
         if not 0 <= self.key_layer <= layer:
-            raise ValueError(f"key layer {self.key_layer} must be between 0 and the adaptor's layer {layer}")
+            raise ConfigError(f"key layer {self.key_layer} must be between 0 and the adaptor's layer {layer}")
         return self.key_layer

@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .config import PLANS
 
 
@@ -39,9 +40,9 @@ def plan(
     (their keys are close), and confusing two facts of the same expert costs nothing.
     """
     if order not in PLANS:
-        raise ValueError(f"order must be one of {PLANS}, not {order!r}")
+        raise ConfigError(f"order must be one of {PLANS}, not {order!r}")
     if batch_size < 1:
-        raise ValueError("batch_size must be positive")
+        raise ConfigError("batch_size must be positive")
     count = len(keys)
     if order == "original":
         return _chunks(list(range(count)), batch_size)

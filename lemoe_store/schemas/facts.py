@@ -12,15 +12,12 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import FactsError
 from . import first_error
 
 FORMATS = ("auto", "native", "zsre", "counterfact")
 MAX_LINE_BYTES = 1 << 20  # one JSONL record; a longer line is refused without being read whole
 MAX_ARRAY_BYTES = 256 << 20  # JSON arrays are parsed whole: beyond this, ask for JSONL
-
-
-class FactsError(ValueError):
-    """An invalid facts file; the message names the file, the line and the field."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import logging
 import logging.config
 
 from ..repo import Repo
-from ..stores import StoreError
+from ..errors import ConfigError
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -25,7 +25,7 @@ LOG_CONFIG = {
 }
 
 
-class ServeError(StoreError):
+class ServeError(ConfigError):
     """A server that must not start as asked (e.g. a public address without an API key)."""
 
 

@@ -1,8 +1,9 @@
 """Errors of the store; each message is one line a user can act on."""
 
+from ..errors import StoreError
 
-class StoreError(Exception):
-    """Base class: anything wrong with a store or a request to it."""
+__all__ = ["AmbiguousRevisionError", "BadNameError", "BadRevisionError", "CorruptObjectError", "LockTimeoutError",
+           "NotAStoreError", "RefConflictError", "StoreError"]
 
 
 class NotAStoreError(StoreError):

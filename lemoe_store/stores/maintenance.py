@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import StoreError
 from .lock import store_lock
 from .store import Store
-from .tensors import unpack
+from .tensors import check
 
 
 @dataclass
@@ -65,7 +65,7 @@ def _check_tree(store: Store, cid: str, commit) -> list[str]:
                 if kind == "facts":
                     [json.loads(line) for line in data.decode("utf-8").splitlines() if line]
                 else:
-                    unpack(data, oid)
+                    check(data, oid)
             except (StoreError, ValueError) as exc:
                 problems.append(f"commit {cid[:12]}: {kind} {oid[:12]}: {exc}")
     return problems

@@ -27,7 +27,7 @@ from .lock import store_lock
 from .manifest import Commit
 from .objects import ObjectStore, check_object_id
 from .refs import HEADS, TAGS, RefStore, check_ref_name
-from .tensors import unpack
+from .tensors import metadata
 
 STORE_DIR = ".lemoe"
 FORMAT_VERSION = 1
@@ -329,7 +329,7 @@ class Store:
         return [json.loads(line) for line in self.objects.get(oid).decode("utf-8").splitlines() if line]
 
     def read_blob_metadata(self, oid: str) -> dict:
-        return unpack(self.objects.get(oid), oid)[1]
+        return metadata(self.objects.get(oid), oid)
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
