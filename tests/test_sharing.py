@@ -235,3 +235,51 @@ def test_one_import_gives_the_public_api():
     from lemoe_store import FactsError, ModelError, StoreError
 
     assert all(issubclass(e, LemoeError) for e in (FactsError, ModelError, StoreError))
+
+
+PUSH_BRANCHES = """
+import sys
+from lemoe_store import Repo
+repo = Repo.open(sys.argv[1])
+for name in sys.argv[2:]:
+    repo.checkout(name)
+    repo.push()
+"""
+
+
+def _remote_refs(repo: Repo) -> dict[str, str]:
+    from lemoe_store.stores.remotes import _documents
+
+    remotes = Remotes(repo.store)
+    with remotes._project() as project:
+        return {ref: entry.commit for ref, entry in _documents(project, "origin").refs().items()}
+
+
+def test_concurrent_pushes_of_different_branches_all_land(origin, tmp_path):
+    clones = [Repo.clone(str(_remote_dir(origin)), tmp_path / side) for side in ("a", "b")]
+    names = {}
+    for side, clone in zip("ab", clones):
+        names[side] = [f"{side}-{i}" for i in range(10)]
+        for i, name in enumerate(names[side]):
+            clone.branch(name, f"HEAD~{i % 3}")
+    pushes = [subprocess.Popen([sys.executable, "-c", PUSH_BRANCHES, str(clone.path), *names[side]],
+                               stderr=subprocess.PIPE, text=True) for side, clone in zip("ab", clones)]
+    for push in pushes:
+        assert push.wait(timeout=300) == 0, push.stderr.read()
+    arrived = _remote_refs(origin)
+    for side, clone in zip("ab", clones):
+        for name in names[side]:
+            assert arrived[f"refs/heads/{name}"] == clone.resolve(name)
+
+
+def test_a_race_on_one_branch_is_reported_never_lost(origin, tmp_path):
+    clones = [Repo.clone(str(_remote_dir(origin)), tmp_path / side) for side in ("a", "b")]
+    clones[0].revert("HEAD")  # two different new commits on main, no training needed
+    clones[1].revert("HEAD~1")
+    pushes = [subprocess.Popen([sys.executable, "-c", PUSH_BRANCHES, str(clone.path), "main"],
+                               stderr=subprocess.PIPE, text=True) for clone in clones]
+    codes = [push.wait(timeout=300) for push in pushes]
+    assert sorted(codes) == [0, 1], codes
+    winner, loser = (clones[0], pushes[1]) if codes[0] == 0 else (clones[1], pushes[0])
+    assert "pull first" in loser.stderr.read()
+    assert _remote_refs(origin)["refs/heads/main"] == winner.resolve("main")

@@ -6,8 +6,9 @@ small DVC project (`--no-scm`) in `.lemoe/dvc/` that only transfers:
 - **objects** travel as DVC-tracked directories ("packs"): for each pushed ref, the objects reachable from
   its commit are staged as hard links, `dvc add`-ed and `dvc push`-ed into the remote's content-addressed
   storage (`files/md5/…`), which skips what the remote already holds;
-- **refs** live in one small JSON document on the remote (`lemoe/refs.json`: each ref's commit and pack,
-  the base model and adaptor settings), written after the objects, so a remote never names a missing pack.
+- **refs** live in small JSON documents on the remote, one folder per ref (see `remote_refs`), each
+  written after the objects, so a remote never names a missing pack; pushes of different refs never
+  touch the same file, and a lost race on the same ref is reported ("pull first"), never lost.
 
 Pull and clone fetch packs with DVC (remotes are added with `verify = true`, so DVC re-hashes every file it
 downloads), check each object's sha256 again before it enters the store, and then move refs fast-forward
@@ -16,7 +17,6 @@ only, like `git pull --ff-only`: a diverged branch is refused and nothing is ove
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -27,19 +27,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import StoreError
 from .objects import check_object_id, object_id
 from .refs import HEADS, TAGS
+from .remote_refs import RemoteDocuments, RemoteError
 from .store import STORE_DIR, Store
 
-STATE_PATH = ("lemoe", "refs.json")
-STATE_FORMAT = 1
 _REMOTE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PACK = "pack"  # staging directory (and .dvc file) of the pack being pushed or pulled
-
-
-class RemoteError(StoreError):
-    pass
 
 
 @dataclass
@@ -152,28 +146,28 @@ class Remotes:
         name, report = self._start_transfer(name)
         with self.store.lock(timeout=60), self._project() as project:
             refs = self._refs_to_push(all_refs)
-            state = _read_state(project, name) or self._new_state()
-            self._check_same_model(state, name)
+            remote = _documents(project, name)
+            meta = remote.meta() or remote.create_meta(self.store.config["base_model"], self.store.config["edit"])
+            self._check_same_model(meta, name)
+            remote_refs = remote.refs()
             for ref, cid in sorted(refs.items()):
-                remote_cid = state["refs"].get(ref, {}).get("commit")
-                if remote_cid == cid:
+                current = remote_refs.get(ref)
+                if current is not None and current.commit == cid:
                     report.up_to_date.append(ref)
                     continue
-                if remote_cid is not None and not self._fast_forward(ref, remote_cid, cid):
+                if current is not None and not self._fast_forward(ref, current.commit, cid):
                     raise RemoteError(
-                        f"push to {name} rejected: {ref} there ({remote_cid[:12]}) is not an ancestor of yours "
-                        f"({cid[:12]}); pull first (fast-forward only)"
+                        f"push to {name} rejected: {ref} there ({current.commit[:12]}) is not an ancestor of "
+                        f"yours ({cid[:12]}); pull first (fast-forward only)"
                     )
                 pack, count = self._push_pack(project, name, cid)
-                state["refs"][ref] = {"commit": cid, "pack": pack}
-                report.updated[ref] = [remote_cid, cid]
+                remote.push_ref(ref, current, cid, pack)
+                report.updated[ref] = [current.commit if current else None, cid]
                 report.objects += count
             branch, _ = self.store.head()
-            remote_branches = sorted(r[len(HEADS):] for r in state["refs"] if r.startswith(HEADS))
-            if state.get("head") not in remote_branches:  # the branch a clone checks out
-                state["head"] = branch if branch in remote_branches else next(iter(remote_branches), None)
-            if report.updated:
-                _write_state(project, name, state)
+            remote_branches = sorted(r[len(HEADS):] for r in remote.refs() if r.startswith(HEADS))
+            if meta.get("head") not in remote_branches and remote_branches:  # the branch a clone checks out
+                remote.set_head(branch if branch in remote_branches else remote_branches[0])
             self._clean(project)
         return report
 
@@ -185,21 +179,23 @@ class Remotes:
         """
         name, report = self._start_transfer(name)
         with self.store.lock(timeout=60), self._project() as project:
-            state = _read_state(project, name)
-            if state is None:
+            remote = _documents(project, name)
+            meta = remote.meta()
+            if meta is None:
                 raise RemoteError(f"remote {name} ({report.url}) holds no lemoe history yet (push to it first)")
-            self._check_same_model(state, name)
+            self._check_same_model(meta, name)
             local = self.store.all_refs()
-            wanted = {ref: entry for ref, entry in state["refs"].items() if local.get(ref) != entry["commit"]}
-            report.up_to_date = sorted(set(state["refs"]) - set(wanted))
+            remote_refs = remote.refs()
+            wanted = {ref: entry for ref, entry in remote_refs.items() if local.get(ref) != entry.commit}
+            report.up_to_date = sorted(set(remote_refs) - set(wanted))
             try:
-                for pack in sorted({entry["pack"] for entry in wanted.values()}):
+                for pack in sorted({entry.pack for entry in wanted.values()}):
                     report.objects += self._pull_pack(project, name, pack)
             finally:
                 self._clean(project)
             moves, refused = {}, []
             for ref, entry in sorted(wanted.items()):
-                cid = entry["commit"]
+                cid = entry.commit
                 missing = self._missing_objects(cid)
                 if missing:
                     raise RemoteError(f"remote {name}: {ref} ({cid[:12]}) lacks {len(missing)} object(s), "
@@ -229,14 +225,9 @@ class Remotes:
             raise RemoteError(f"no remote named {name!r} (see `lemoe remote list`)")
         return name, Transfer(name, urls[name])
 
-    def _new_state(self) -> dict:
-        config = self.store.config
-        return {"format": STATE_FORMAT, "base_model": config["base_model"], "edit": config["edit"],
-                "head": None, "refs": {}}
-
-    def _check_same_model(self, state: dict, name: str) -> None:
+    def _check_same_model(self, meta: dict, name: str) -> None:
         ours = self.store.config["base_model"]["fingerprint"]
-        theirs = state.get("base_model", {}).get("fingerprint")
+        theirs = (meta.get("base_model") or {}).get("fingerprint")
         if theirs != ours:
             raise RemoteError(
                 f"remote {name} holds edits of another base model (fingerprint {str(theirs)[:12]}, "
@@ -313,35 +304,9 @@ class Remotes:
         shutil.rmtree(self.directory / ".dvc" / "cache", ignore_errors=True)
 
 
-def _state_location(project, name: str):
+def _documents(project, name: str) -> RemoteDocuments:
     remote = project.cloud.get_remote(name)
-    return remote.fs, remote.fs.join(remote.path, *STATE_PATH)
-
-
-def _read_state(project, name: str) -> dict | None:
-    fs, path = _state_location(project, name)
-    if not fs.exists(path):
-        return None
-    try:
-        state = json.loads(fs.cat_file(path))
-        if state.get("format") != STATE_FORMAT or not isinstance(state.get("refs"), dict):
-            raise ValueError(f"unsupported format {state.get('format')!r}")
-        for ref, entry in state["refs"].items():
-            if not ref.startswith((HEADS, TAGS)):
-                raise ValueError(f"bad ref {ref[:80]!r}")
-            check_object_id(entry["commit"])
-    except (ValueError, KeyError, TypeError, StoreError) as exc:
-        raise RemoteError(f"remote {name}: {'/'.join(STATE_PATH)} is unreadable: {exc}") from None
-    return state
-
-
-def _write_state(project, name: str, state: dict) -> None:
-    """Write the refs document (temp name, then move: readers see the old or the new one)."""
-    fs, path = _state_location(project, name)
-    fs.makedirs(fs.parent(path), exist_ok=True)
-    temp = f"{path}.tmp-{os.getpid()}"
-    fs.pipe_file(temp, json.dumps(state, indent=2, sort_keys=True).encode())
-    fs.mv(temp, path)
+    return RemoteDocuments(remote.fs, remote.path, name)
 
 
 def clone(url: str, directory: str | Path, name: str = "origin") -> Store:
@@ -356,17 +321,17 @@ def clone(url: str, directory: str | Path, name: str = "origin") -> Store:
         try:
             with project.config.edit() as conf:
                 conf["remote"][name] = {"url": url, "verify": True}
-            state = _read_state(project, name)
+            meta = _documents(project, name).meta()
         finally:
             project.close()
-    if state is None:
+    if meta is None:
         raise RemoteError(f"{url} holds no lemoe history (nothing was pushed there)")
     try:
-        store = Store.init(target, state["base_model"], state["edit"])
+        store = Store.init(target, meta["base_model"], meta["edit"])
         remotes = Remotes(store)
         remotes.add(name, url, default=True)
         remotes.pull(name)
-        head = state.get("head")
+        head = meta.get("head")
         if head and head in store.branches():
             store.checkout(head, f"clone: from {url}")
         elif store.branches():
