@@ -36,7 +36,7 @@ def main() -> None:
     print("| ordering | #batches | Rel | Gen | Loc | mean | train s |")
     print("|---|---|---|---|---|---|---|")
     for order in PLANS:
-        _, rows = repo.replay(f"replay-{order}", order=order, seed=args.seed, batch_size=args.batch_size)
+        _, rows = repo.replay(f"replay-{order}", plan=order, seed=args.seed, batch_size=args.batch_size)
         row = rows[1]
         mean = (row.rel + row.gen + row.loc) / 3
         print(f"| {order} | {row.batches} | {row.rel:.3f} | {row.gen:.3f} | {row.loc:.3f} | {mean:.3f} | "

@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _HOMES = {
     "Repo": "repo", "Answer": "repo", "RouteInfo": "repo",
     "Fact": "schemas.facts", "Locality": "schemas.facts", "load_facts": "schemas.facts",
-    "EditConfig": "editing.config",
+    "AdaptorConfig": "editing.config", "EditConfig": "editing.config",
     "attach_version": "export", "disable_experts": "export", "export_version": "export", "load_version": "export",
 }
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from . import models
-from .editing import EditConfig, ExpertArtifact, attach, find_adaptor
+from .editing import AdaptorConfig, ExpertArtifact, attach, find_adaptor
 from .errors import ModelError, StoreError
 from .repo import Repo
 from .schemas.facts import canonical_jsonl
@@ -57,7 +57,7 @@ def export_version(repo: Repo, rev: str, out_dir: str | Path, with_base: bool = 
         "layer": config.layer,
         "expert_shape": {"hidden": base["hidden"], "rank": config.rank},
         "threshold": config.threshold,
-        "edit": config.to_dict(),
+        "adaptor": config.adaptor().to_dict(),
         "experts": [
             {"index": i, "expert": entry.expert, "anchors": entry.anchors, "facts": entry.facts,
              "rank": artifact.rank, "anchor_facts": artifact.anchor_facts,
@@ -98,7 +98,7 @@ class _Version:
     """What attaching a version needs: its experts, the adaptor settings, and the base model it was made on."""
 
     experts: list[ExpertArtifact]
-    config: EditConfig
+    config: AdaptorConfig
     base: dict  # id, fingerprint (and layers, hidden for stores)
     base_dir: Path  # where that base model's files are
 
@@ -123,7 +123,8 @@ def _version(source: str | Path | Repo, rev: str | None) -> _Version:
         artifacts.append(ExpertArtifact(expert_weights, anchors[f"anchors.{entry['index']}"],
                                         list(entry["anchor_facts"]), anchor_spans=entry.get("anchor_spans"),
                                         anchor_subjects=entry.get("anchor_subjects")))
-    return _Version(artifacts, EditConfig.from_dict(manifest["edit"]), base, base_dir)
+    settings = manifest.get("adaptor") or manifest["edit"]  # "edit": exports made before the split
+    return _Version(artifacts, AdaptorConfig.from_dict(settings), base, base_dir)
 
 
 def _store_version(repo: Repo, rev: str | None) -> _Version:
@@ -197,7 +198,9 @@ def _read_manifest(folder: Path) -> dict:
         raise ExportError(f"{folder / ADAPTER_FILE}: unreadable: {exc}") from None
     if manifest.get("format") != "lemoe-adapter" or manifest.get("format_version") != ADAPTER_FORMAT:
         raise ExportError(f"{folder / ADAPTER_FILE}: not a lemoe adapter of format {ADAPTER_FORMAT}")
-    for key in ("base_model", "edit", "experts", "commit"):
+    for key in ("base_model", "experts", "commit"):
         if key not in manifest:
             raise ExportError(f"{folder / ADAPTER_FILE}: missing field {key!r}")
+    if "adaptor" not in manifest and "edit" not in manifest:
+        raise ExportError(f"{folder / ADAPTER_FILE}: missing field 'adaptor'")
     return manifest

@@ -21,7 +21,7 @@ class FactChange:
 
 
 @dataclass
-class BehaviourChange:
+class BehaviorChange:
     prompt: str
     kind: str  # edit | rephrase | locality
     answer_a: str
@@ -38,7 +38,7 @@ class Diff:
     experts_added: list[str] = field(default_factory=list)
     experts_removed: list[str] = field(default_factory=list)
     bytes_delta: int = 0
-    behaviour: list[BehaviourChange] | None = None
+    behavior: list[BehaviorChange] | None = None
 
 
 @dataclass
@@ -75,7 +75,7 @@ class FactBlame:
 @dataclass
 class ReplayRow:
     label: str
-    order: str
+    plan: str
     batches: int
     rel: float
     gen: float | None
@@ -85,7 +85,7 @@ class ReplayRow:
 
 class HistoryMixin:
     # -- branches and tags ----------------------------------------------------------------------------
-    def branch(self, name: str, rev: str = "HEAD") -> str:
+    def branch(self, name: str, *, rev: str = "HEAD") -> str:
         cid = self.store.resolve(rev)
         self.store.create_branch(name, cid)
         return cid
@@ -95,7 +95,7 @@ class HistoryMixin:
             raise StoreError(f"cannot delete the branch {name!r}: HEAD is on it")
         return self.store.delete_ref(HEADS, name)
 
-    def tag(self, name: str, rev: str = "HEAD") -> str:
+    def tag(self, name: str, *, rev: str = "HEAD") -> str:
         cid = self.store.resolve(rev)
         self.store.create_ref(TAGS, name, cid, f"tag: {name}")
         return cid
@@ -110,7 +110,7 @@ class HistoryMixin:
     def _tree_bytes(self, tree: list[TreeEntry]) -> int:
         return sum(self.store.objects.size(e.expert) + self.store.objects.size(e.anchors) for e in tree)
 
-    def diff(self, rev_a: str, rev_b: str, behaviour: bool = False, max_new_tokens: int = 8) -> Diff:
+    def diff(self, rev_a: str, rev_b: str, *, behavior: bool = False, max_new_tokens: int = 8) -> Diff:
         a, b = self.store.resolve(rev_a), self.store.resolve(rev_b)
         facts_a = {f.prompt: f for f in self.facts_at(a)}
         facts_b = {f.prompt: f for f in self.facts_at(b)}
@@ -126,23 +126,23 @@ class HistoryMixin:
         result.experts_added = [e.expert for e in tree_b if e.expert not in experts_a]
         result.experts_removed = [e.expert for e in tree_a if e.expert not in experts_b]
         result.bytes_delta = self._tree_bytes(tree_b) - self._tree_bytes(tree_a)
-        if behaviour:
+        if behavior:
             affected = [facts_b.get(c.prompt) or facts_a[c.prompt]
                         for c in result.added + result.removed + result.overwritten]
-            result.behaviour = self._behaviour_changes(a, b, affected, max_new_tokens)
+            result.behavior = self._behavior_changes(a, b, affected, max_new_tokens)
         return result
 
-    def _behaviour_changes(self, a: str, b: str, facts: list[Fact], max_new_tokens: int) -> list[BehaviourChange]:
+    def _behavior_changes(self, a: str, b: str, facts: list[Fact], max_new_tokens: int) -> list[BehaviorChange]:
         prompts = [(f.prompt, "edit") for f in facts]
         prompts += [(r, "rephrase") for f in facts for r in f.rephrases]
         prompts += [(loc.prompt, "locality") for f in facts for loc in f.locality]
         prompts = list(dict.fromkeys(prompts))
-        answers_a = [self.ask(p, a, max_new_tokens).text for p, _ in prompts]
-        answers_b = [self.ask(p, b, max_new_tokens).text for p, _ in prompts]
-        return [BehaviourChange(p, kind, x, y) for (p, kind), x, y in zip(prompts, answers_a, answers_b) if x != y]
+        answers_a = [self.ask(p, rev=a, max_new_tokens=max_new_tokens).text for p, _ in prompts]
+        answers_b = [self.ask(p, rev=b, max_new_tokens=max_new_tokens).text for p, _ in prompts]
+        return [BehaviorChange(p, kind, x, y) for (p, kind), x, y in zip(prompts, answers_a, answers_b) if x != y]
 
     # -- revert -----------------------------------------------------------------------------------------
-    def revert(self, rev: str, message: str | None = None) -> str:
+    def revert(self, rev: str, *, message: str | None = None) -> str:
         """A new commit whose tree drops `rev`'s expert (or, for a revert, restores what it dropped)."""
         with self.store.lock():
             target = self.store.resolve(rev)
@@ -178,9 +178,9 @@ class HistoryMixin:
         return max(positions, default=0)
 
     # -- replay -----------------------------------------------------------------------------------------
-    def replay(self, branch: str, order: str = "cluster", seed: int | None = None, batch_size: int | None = None,
+    def replay(self, branch: str, *, plan: str = "cluster", seed: int | None = None, batch_size: int | None = None,
                since: str | None = None, progress=None) -> tuple[list[str], list[ReplayRow]]:
-        """Re-plan the history's facts under `order` and retrain them on a new branch; HEAD stays put."""
+        """Re-plan the history's facts under `plan` and retrain them on a new branch; HEAD stays put."""
         check_ref_name(branch)
         if branch in self.store.branches():
             raise StoreError(f"branch {branch!r} already exists")
@@ -202,35 +202,35 @@ class HistoryMixin:
             model, tokenizer = self._shared_model_at(base)
             keys = routing_keys(model, tokenizer, [f.prompt for f in facts])
             groups = [f.subject or None for f in facts]
-            batches = [[facts[i] for i in b] for b in plan_batches(keys, size, order, seed, groups)]
+            batches = [[facts[i] for i in b] for b in plan_batches(keys, size, plan, seed, groups)]
             began = time.perf_counter()
-            settings = {"order": order, "batch_size": size, "seed": seed, "batches": len(batches)}
-            created = self.train_batches(batches, base, f"replay ({order})", "replay", settings, seed, progress,
+            settings = {"order": plan, "batch_size": size, "seed": seed, "batches": len(batches)}
+            created = self.train_batches(batches, base, f"replay ({plan})", "replay", settings, seed, progress,
                                          lambda *_: None)
             seconds = time.perf_counter() - began
             self.store.create_branch(branch, created[-1])
-        source_scores = self.evaluate(facts, head)
-        replay_scores = self.evaluate(facts, created[-1])
+        source_scores = self.evaluate(facts, rev=head)
+        replay_scores = self.evaluate(facts, rev=created[-1])
         source = [commit for _, commit in self.log(head)]
         source_seconds = sum(c.metrics.get("seconds", 0.0) for c in source if c.kind != "revert")
         source_batches = sum(1 for c in source if c.expert is not None)
         rows = [
             ReplayRow("source", "as committed", source_batches, source_scores.rel, source_scores.gen,
                       source_scores.loc, round(source_seconds, 2)),
-            ReplayRow(branch, order, len(batches), replay_scores.rel, replay_scores.gen, replay_scores.loc,
+            ReplayRow(branch, plan, len(batches), replay_scores.rel, replay_scores.gen, replay_scores.loc,
                       round(seconds, 2)),
         ]
         return created, rows
 
     # -- blame ------------------------------------------------------------------------------------------
-    def blame(self, query: str, rev: str | None = None, top_k: int = 5, max_new_tokens: int = 16) -> Blame:
+    def blame(self, query: str, *, rev: str | None = None, top_k: int = 5, max_new_tokens: int = 16) -> Blame:
         """Which commit's expert answers `query`, its nearest anchors, and the answer with and without it."""
         import torch
 
         from .editing import find_adaptor
         from .editing.batching import encode_prompt, model_device, routing_keys
 
-        answer = self.ask(query, rev, max_new_tokens)  # the same routing path as `ask`, by construction
+        answer = self.ask(query, rev=rev, max_new_tokens=max_new_tokens)  # the same routing path as `ask`, by construction
         cid = answer.rev
         model, tokenizer = self._shared_model_at(cid)
         tree = self._tree(cid)
@@ -255,7 +255,7 @@ class HistoryMixin:
             without = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         return Blame(query, cid, answer.threshold, answer.commit, answer.expert, matches, answer.text, without)
 
-    def blame_fact(self, prompt_or_id: str, rev: str | None = None) -> FactBlame:
+    def blame_fact(self, prompt_or_id: str, *, rev: str | None = None) -> FactBlame:
         """The commit that introduced a fact (by prompt or id) and the one that last changed its target."""
         cid = self._resolve_or_none(rev)
         if cid is None:

@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +21,7 @@ from .audit import AuditRecord
 from .editing.config import EditConfig
 from .history import HistoryMixin
 from .sharing import SharingMixin
-from .schemas.facts import Fact, canonical_jsonl, find_duplicates_and_conflicts
+from .schemas.facts import Fact, as_facts, canonical_jsonl, find_duplicates_and_conflicts
 from .stores import Commit, CorruptObjectError, Store, StoreError, TreeEntry
 from .stores import index as idx
 from .stores.refs import current_user
@@ -68,6 +68,44 @@ class Answer:
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class Status:
+    store: str
+    model: str
+    fingerprint: str
+    layer: int
+    key_layer: int
+    branch: str | None  # None: HEAD is detached
+    head: str | None  # None: no commits yet
+    experts_active: int
+    facts_active: int
+    bytes_on_disk: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    """One commit as `show` gives it: its id, its manifest, and (for an edit) its facts and object sizes."""
+
+    id: str
+    commit: Commit
+    facts: list[Fact]
+    expert_bytes: int | None
+    anchors_bytes: int | None
+
+    def to_dict(self) -> dict:
+        data = {"id": self.id, **self.commit.to_dict()}
+        if self.commit.expert:
+            data |= {"facts": [f.to_record() for f in self.facts], "expert_bytes": self.expert_bytes,
+                     "anchors_bytes": self.anchors_bytes}
+        return data
+
 
 @dataclass
 class CommitPlan:
@@ -100,6 +138,7 @@ class Repo(HistoryMixin, SharingMixin):
     def init(
         cls,
         path: str | Path = ".",
+        *,
         model: str = models.DEFAULT_MODEL,
         layer: int | None = None,
         progress: Callable[[str], None] | None = None,
@@ -121,7 +160,7 @@ class Repo(HistoryMixin, SharingMixin):
         return cls(Store.init(Path(path), base_model, config.to_dict()))
 
     @classmethod
-    def open(cls, path: str | Path | None = None, device: str = "auto") -> Repo:
+    def open(cls, path: str | Path | None = None, *, device: str = "auto") -> Repo:
         return cls(Store.find(path), device)
 
     @property
@@ -227,12 +266,14 @@ class Repo(HistoryMixin, SharingMixin):
         return list(by_prompt.values())
 
     # -- writing history -------------------------------------------------------------------------------------
-    def plan_commit(self, facts: list[Fact], batch_size: int | None = None, order: str | None = None,
+    def plan_commit(self, facts: Iterable[Fact | dict], *, batch_size: int | None = None, plan: str | None = None,
                     seed: int | None = None) -> CommitPlan:
-        """Validate facts against the history and split them into batches (one expert each)."""
-        from .editing import plan
+        """Validate facts (Fact objects or plain dicts) against the history and split them into batches (one
+        expert each)."""
+        from .editing import plan as plan_batches
         from .editing.batching import routing_keys
 
+        facts = as_facts(facts)
         if not facts:
             raise StoreError("nothing to commit: no facts given")
         config = self.config
@@ -249,19 +290,20 @@ class Repo(HistoryMixin, SharingMixin):
         overwrites = [f.prompt for f in unique if f.prompt in known and known[f.prompt] != f.target]
         model, tokenizer = self._shared_model_at(None)
         keys = routing_keys(model, tokenizer, [f.prompt for f in unique])
-        settings = {"order": order or config.plan, "batch_size": batch_size or config.batch_size,
+        settings = {"order": plan or config.plan, "batch_size": batch_size or config.batch_size,
                     "seed": config.seed if seed is None else seed}
-        batches = plan(keys, settings["batch_size"], settings["order"], settings["seed"],
+        batches = plan_batches(keys, settings["batch_size"], settings["order"], settings["seed"],
                        groups=[f.subject or None for f in unique])
         settings["batches"] = len(batches)
         return CommitPlan([[unique[i] for i in b] for b in batches], duplicates, conflicts, overwrites, settings)
 
     def commit(
         self,
-        facts: list[Fact],
+        facts: Iterable[Fact | dict],
+        *,
         message: str = "",
         batch_size: int | None = None,
-        order: str | None = None,
+        plan: str | None = None,
         seed: int | None = None,
         progress: Progress | None = None,
         on_wait: Callable[[str], None] | None = None,
@@ -273,7 +315,7 @@ class Repo(HistoryMixin, SharingMixin):
         finished batch and nothing half-done.
         """
         with self.store.lock(on_wait=on_wait):
-            planned = self.plan_commit(facts, batch_size, order, seed)
+            planned = self.plan_commit(facts, batch_size=batch_size, plan=plan, seed=seed)
             if on_plan:
                 on_plan(planned)
             head = self.store.head()[1]
@@ -357,7 +399,7 @@ class Repo(HistoryMixin, SharingMixin):
             facts=self.store.objects.put(canonical_jsonl(facts)),
         )
 
-    def checkout(self, rev: str, new_branch: str | None = None) -> str:
+    def checkout(self, rev: str, *, new_branch: str | None = None) -> str:
         """Move HEAD (to a branch, or detached to a commit); with new_branch, create it at rev first."""
         cid = self.store.resolve(rev)
         if new_branch:
@@ -370,7 +412,7 @@ class Repo(HistoryMixin, SharingMixin):
         return cid
 
     # -- reading -------------------------------------------------------------------------------------------
-    def log(self, rev: str | None = None, limit: int | None = None, grep: str | None = None) -> list[tuple[str, Commit]]:
+    def log(self, rev: str | None = None, *, limit: int | None = None, grep: str | None = None) -> list[tuple[str, Commit]]:
         cid = self._resolve_or_none(rev)
         if cid is None:
             return []
@@ -387,7 +429,7 @@ class Repo(HistoryMixin, SharingMixin):
         found = idx.commits_introducing(self.store.db, expert_id)
         return found[0] if found else None
 
-    def ask(self, prompt: str, rev: str | None = None, max_new_tokens: int = 16) -> Answer:
+    def ask(self, prompt: str, *, rev: str | None = None, max_new_tokens: int = 16) -> Answer:
         """Greedy answer at a version, with the routing decision that produced it."""
         import torch
 
@@ -425,7 +467,7 @@ class Repo(HistoryMixin, SharingMixin):
         return RouteInfo(self.introducing_commit(entry.expert), route.expert, route.similarity, fact_id,
                          route.threshold)
 
-    def evaluate(self, facts: list[Fact] | None = None, rev: str | None = None, *, generate: bool = False) -> Scores:
+    def evaluate(self, facts: list[Fact] | None = None, *, rev: str | None = None, generate: bool = False) -> Scores:
         """Teacher-forced Rel/Gen/Loc at a version; with `generate`, the free-generation metrics too."""
         cid = self._resolve_or_none(rev)
         facts = self.facts_at(cid) if facts is None else facts
@@ -450,29 +492,28 @@ class Repo(HistoryMixin, SharingMixin):
     def audit_writer(self) -> audit.AuditWriter:
         return audit.AuditWriter(self.store.root)
 
-    def status(self) -> dict:
+    def status(self) -> Status:
         branch, cid = self.store.head()
         tree = self.store.read_commit(cid).tree if cid else []
-        return {
-            "store": str(self.store.root),
-            "model": self.store.config["base_model"]["id"],
-            "fingerprint": self.store.config["base_model"]["fingerprint"],
-            "layer": self.config.layer,
-            "key_layer": self.config.key_layer,
-            "branch": branch,
-            "head": cid,
-            "experts_active": len(tree),
-            "facts_active": len(self.facts_at(cid)) if cid else 0,
-            "bytes_on_disk": self.store.size_on_disk(),
-        }
+        return Status(
+            store=str(self.store.root),
+            model=self.base_model_id,
+            fingerprint=self.store.config["base_model"]["fingerprint"],
+            layer=self.config.layer,
+            key_layer=self.config.key_layer,
+            branch=branch,
+            head=cid,
+            experts_active=len(tree),
+            facts_active=len(self.facts_at(cid)) if cid else 0,
+            bytes_on_disk=self.store.size_on_disk(),
+        )
 
-    def show(self, rev: str = "HEAD") -> dict:
+    def show(self, rev: str = "HEAD") -> CommitInfo:
         cid = self.store.resolve(rev)
         commit = self.store.read_commit(cid)
-        data = {"id": cid, **commit.to_dict()}
-        if commit.expert:
-            data["facts"] = self.store.read_facts(commit.expert.facts)
-            data["expert_bytes"] = self.store.objects.size(commit.expert.expert)
-            data["anchors_bytes"] = self.store.objects.size(commit.expert.anchors)
-        return data
+        if commit.expert is None:
+            return CommitInfo(cid, commit, [], None, None)
+        facts = [Fact.from_record(r) for r in self.store.read_facts(commit.expert.facts)]
+        return CommitInfo(cid, commit, facts, self.store.objects.size(commit.expert.expert),
+                          self.store.objects.size(commit.expert.anchors))
 

@@ -38,7 +38,7 @@ def store(tmp_path_factory, tiny_llama_dir) -> Path:
     repo = Repo.init(root / "work", model=str(tiny_llama_dir), layer=2, rank=8, max_steps=5, batch_size=6,
                      plan="original")
     repo.commit(tiny_facts(), message="two batches")
-    repo.tag("v1", "HEAD~1")
+    repo.tag("v1", rev="HEAD~1")
     return repo.path
 
 

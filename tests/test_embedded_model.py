@@ -37,19 +37,19 @@ def test_edit_then_checkout_restores_the_old_answer(tmp_path):
         facts = load_facts(path)
     before = {f.prompt: repo.ask(f.prompt, max_new_tokens=4).text for f in facts}
     first, second = repo.commit(facts, message="samples")
-    newest = repo.show("HEAD")["facts"]
+    newest = repo.show("HEAD").facts
     for record in newest:
-        answer = repo.ask(record["prompt"], max_new_tokens=8)
-        assert answer.text.strip().startswith(record["target"]), answer
+        answer = repo.ask(record.prompt, max_new_tokens=8)
+        assert answer.text.strip().startswith(record.target), answer
         assert answer.commit == second
     repo.checkout("HEAD~1")
     restored = []
     for record in newest:
-        answer = repo.ask(record["prompt"], max_new_tokens=4)
+        answer = repo.ask(record.prompt, max_new_tokens=4)
         assert answer.commit != second  # that commit's expert is gone
         if answer.expert is None:  # routed to no expert: the base model's answer, exactly
-            assert answer.text == before[record["prompt"]]
-            restored.append(record["id"])
+            assert answer.text == before[record.prompt]
+            restored.append(record.id)
     # The samples come in same-template pairs ("The chief executive of Acme Robotics / Zentra Bank is");
     # when a pair is split across the two commits, the remaining twin's anchor can still catch its prompt.
     assert len(restored) >= len(newest) - 2, restored

@@ -35,7 +35,7 @@ def _logits(repo: Repo, rev: str, prompt: str) -> torch.Tensor:
 
 
 def _batch_facts(repo: Repo, rev: str) -> list[str]:
-    return [r["prompt"] for r in repo.show(rev)["facts"]]
+    return [f.prompt for f in repo.show(rev).facts]
 
 
 def test_revert_middle_commit_undoes_exactly_that_commit(repo):
@@ -66,7 +66,7 @@ def test_revert_middle_commit_undoes_exactly_that_commit(repo):
 @pytest.mark.parametrize("order", ["cluster", "original", "random", "reverse"])
 def test_replay_keeps_the_facts_on_a_new_branch(repo, order):
     head_before = repo.store.head()
-    created, rows = repo.replay(f"replay-{order}", order=order, seed=1)
+    created, rows = repo.replay(f"replay-{order}", plan=order, seed=1)
     assert repo.store.head() == head_before  # the original branch and HEAD are untouched
     assert repo.store.branches()[f"replay-{order}"] == created[-1]
 
@@ -107,12 +107,12 @@ def test_blame_fact_finds_introducing_and_overwriting_commits(repo):
     assert len(changes.experts_added) == 1 and changes.bytes_delta > 0
 
 
-def test_diff_lists_added_facts_and_behaviour(repo):
+def test_diff_lists_added_facts_and_behavior(repo):
     third, second, _ = [cid for cid, _ in repo.log()]
-    result = repo.diff(second, third, behaviour=True, max_new_tokens=4)
+    result = repo.diff(second, third, behavior=True, max_new_tokens=4)
     assert sorted(c.prompt for c in result.added) == sorted(_batch_facts(repo, third))
     assert not result.removed and not result.overwritten
-    edited = {b.prompt for b in result.behaviour if b.kind == "edit"}
+    edited = {b.prompt for b in result.behavior if b.kind == "edit"}
     assert edited == set(_batch_facts(repo, third))
 
 

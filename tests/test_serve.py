@@ -95,7 +95,7 @@ def test_completions_chat_and_streams_agree_and_name_the_version(served):
     raw = client.completions.with_raw_response.create(model="lemoe:main", prompt=prompt, max_tokens=TOKENS,
                                                       temperature=0)
     completion = raw.parse()
-    assert completion.choices[0].text == repo.ask(prompt, "main", TOKENS).text
+    assert completion.choices[0].text == repo.ask(prompt, rev="main", max_new_tokens=TOKENS).text
     assert raw.headers["x-lemoe-version"] == head == _lemoe(completion)["version"]
     assert completion.usage.completion_tokens == TOKENS and completion.choices[0].finish_reason == "length"
     chunks = list(client.completions.create(model="lemoe:main", prompt=prompt, max_tokens=TOKENS,
@@ -120,13 +120,13 @@ def test_an_edited_prompt_names_its_commit_and_an_unrelated_prompt_says_base(ser
         raw = client.completions.with_raw_response.create(model="lemoe:main", prompt=fact.prompt,
                                                           max_tokens=TOKENS, temperature=0)
         routed = _lemoe(raw.parse())["routed"]
-        introduced = repo.blame_fact(fact.prompt, "main").introduced_by
+        introduced = repo.blame_fact(fact.prompt, rev="main").introduced_by
         assert routed["commit"] == introduced == raw.headers["x-lemoe-commit"]
         assert routed["fact_id"] == fact.id and routed["similarity"] >= routed["threshold"]
     raw = client.completions.with_raw_response.create(model="lemoe:main", prompt=UNRELATED, max_tokens=TOKENS,
                                                       temperature=0)
     assert _lemoe(raw.parse())["routed"] == "base" and raw.headers["x-lemoe-commit"] == "base"
-    assert raw.parse().choices[0].text == repo.ask(UNRELATED, "main", TOKENS).text
+    assert raw.parse().choices[0].text == repo.ask(UNRELATED, rev="main", max_new_tokens=TOKENS).text
 
 
 def test_models_lists_head_branches_and_tags(served):
@@ -156,7 +156,7 @@ def test_concurrent_clients_on_two_versions_get_their_own_answers_and_an_audit_r
     server, repo = served
     versions = {"lemoe:v1": repo.resolve("v1"), f"lemoe:{repo.resolve('main')[:8]}": repo.resolve("main")}
     prompts = [f.prompt for f in tiny_facts()[:8]] + [UNRELATED]
-    expected = {(name, p): repo.ask(p, cid, TOKENS) for name, cid in versions.items() for p in prompts}
+    expected = {(name, p): repo.ask(p, rev=cid, max_new_tokens=TOKENS) for name, cid in versions.items() for p in prompts}
     started = time.time()
 
     def client_run(number: int) -> list[tuple[str, str, str, str]]:

@@ -261,7 +261,7 @@ def test_concurrent_pushes_of_different_branches_all_land(origin, tmp_path):
     for side, clone in zip("ab", clones):
         names[side] = [f"{side}-{i}" for i in range(10)]
         for i, name in enumerate(names[side]):
-            clone.branch(name, f"HEAD~{i % 3}")
+            clone.branch(name, rev=f"HEAD~{i % 3}")
     pushes = [subprocess.Popen([sys.executable, "-c", PUSH_BRANCHES, str(clone.path), *names[side]],
                                stderr=subprocess.PIPE, text=True) for side, clone in zip("ab", clones)]
     for push in pushes:

@@ -40,7 +40,7 @@ def test_commit_log_checkout_ask_roundtrip(repo):
     assert repo.store.read_commit(second).parents == [first]
     assert len(repo.store.read_commit(second).tree) == 2
 
-    newest = [f for f in facts if f.id in {r["id"] for r in repo.show("HEAD")["facts"]}]
+    newest = [f for f in facts if f.id in {f.id for f in repo.show("HEAD").facts}]
     for fact in newest:
         answer = repo.ask(fact.prompt, max_new_tokens=8)
         assert answer.text.strip().startswith(fact.target)

@@ -27,7 +27,7 @@ def branch(
         console.print(f"Deleted branch {delete} (was {short(cid)}).")
         return
     if name:
-        cid = repo.branch(name, rev)
+        cid = repo.branch(name, rev=rev)
         console.print(f"Created branch {name} at {short(cid)}")
         return
     current = repo.head()[0]
@@ -53,7 +53,7 @@ def tag(
     if delete:
         console.print(f"Deleted tag {delete} (was {short(repo.delete_tag(delete))}).")
     elif name and not list_:
-        console.print(f"Tagged {short(repo.tag(name, rev))} as {name}")
+        console.print(f"Tagged {short(repo.tag(name, rev=rev))} as {name}")
     elif json_:
         print_json(repo.tags())
     else:
@@ -69,7 +69,7 @@ def diff(
     json_: JsonOption = False,
 ) -> None:
     """Facts added / removed / overwritten and experts added / removed between two versions."""
-    result = Repo.open(store).diff(rev_a, rev_b, behavior)
+    result = Repo.open(store).diff(rev_a, rev_b, behavior=behavior)
     if json_:
         print_json(asdict(result))
         return
@@ -82,12 +82,12 @@ def diff(
             table.add_row(sign, change.prompt, change.before or "", change.after or "")
     if table.row_count:
         console.print(table)
-    if result.behaviour is not None:
-        behaviour = Table("kind", "prompt", f"answer at {short(result.rev_a)}", f"answer at {short(result.rev_b)}",
+    if result.behavior is not None:
+        behavior = Table("kind", "prompt", f"answer at {short(result.rev_a)}", f"answer at {short(result.rev_b)}",
                           title="prompts whose greedy answer differs")
-        for change in result.behaviour:
-            behaviour.add_row(change.kind, change.prompt, change.answer_a, change.answer_b)
-        console.print(behaviour if behaviour.row_count else "no prompt answers differently")
+        for change in result.behavior:
+            behavior.add_row(change.kind, change.prompt, change.answer_a, change.answer_b)
+        console.print(behavior if behavior.row_count else "no prompt answers differently")
 
 
 def revert(
@@ -102,7 +102,7 @@ def revert(
     if not json_:
         console.print(f"{served} served answer(s) came from the expert of {rev} (see `lemoe audit --commit {rev}`)",
                       highlight=False)
-    cid = repo.revert(rev, message)
+    cid = repo.revert(rev, message=message)
     if json_:
         print_json({"id": cid, "served_answers": served})
     else:
@@ -111,7 +111,7 @@ def revert(
 
 def replay(
     branch_name: Annotated[str, typer.Option("-b", "--branch", help="New branch for the replayed history.")],
-    order: Annotated[str, typer.Option(help=f"Ordering: {', '.join(PLANS)}.")] = "cluster",
+    plan: Annotated[str, typer.Option("--plan", "--order", help=f"Ordering: {', '.join(PLANS)}.")] = "cluster",
     seed: Annotated[int | None, typer.Option(help="Seed for planning and training.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Facts per expert.")] = None,
     since: Annotated[str | None, typer.Option("--from", help="Replay only facts added after this revision.")] = None,
@@ -120,14 +120,14 @@ def replay(
 ) -> None:
     """Retrain the history's facts under another ordering on a new branch and compare."""
     repo = Repo.open(store)
-    with console.status(f"replaying with order {order}…"):
-        created, rows = repo.replay(branch_name, order, seed, batch_size, since)
+    with console.status(f"replaying with plan {plan}…"):
+        created, rows = repo.replay(branch_name, plan=plan, seed=seed, batch_size=batch_size, since=since)
     if json_:
         print_json({"commits": created, "rows": [asdict(r) for r in rows]})
         return
     table = Table("branch", "ordering", "#batches", "Rel", "Gen", "Loc", "train s")
     for row in rows:
-        table.add_row(row.label, row.order, str(row.batches), fmt(row.rel), fmt(row.gen), fmt(row.loc),
+        table.add_row(row.label, row.plan, str(row.batches), fmt(row.rel), fmt(row.gen), fmt(row.loc),
                       fmt(row.seconds, 1))
     console.print(table)
 
@@ -143,7 +143,7 @@ def blame(
     """Which commit/expert answers a query (or introduced a fact), with the evidence."""
     repo = Repo.open(store)
     if fact is not None:
-        found = repo.blame_fact(fact, rev)
+        found = repo.blame_fact(fact, rev=rev)
         if json_:
             print_json(asdict(found))
             return
@@ -153,7 +153,7 @@ def blame(
         return
     if query is None:
         raise typer.BadParameter("give a QUERY or --fact")
-    result = repo.blame(query, rev, top_k)
+    result = repo.blame(query, rev=rev, top_k=top_k)
     if json_:
         print_json(asdict(result))
         return

@@ -32,7 +32,7 @@ def quickstart(
     console.rule("1. a store for the embedded model")
     repo = Repo.init(path, model=model, batch_size=6, progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     info = repo.status()
-    console.print(f"  store {info['store']}  model {info['model']}  adaptor layer {info['layer']}")
+    console.print(f"  store {info.store}  model {info.model}  adaptor layer {info.layer}")
 
     with resources.as_file(samples) as sample_path:
         facts = load_facts(sample_path)
@@ -49,16 +49,16 @@ def quickstart(
                       f"Gen {m['gen']:.2f} Loc {m['loc']:.2f}, trained in {m['seconds']:.1f} s", highlight=False)
 
     console.rule("4. ask the edited model")
-    newest = repo.show("HEAD")["facts"][0]
-    _ask(repo, newest["prompt"], "at HEAD:")
+    newest = repo.show("HEAD").facts[0]
+    _ask(repo, newest.prompt, "at HEAD:")
     _ask(repo, "The largest planet in the solar system is", "unrelated prompt:")
 
     console.rule("5. checkout the previous version")
     repo.checkout("HEAD~1")
-    _ask(repo, newest["prompt"], f"at {short(created[0])} (HEAD~1):")
+    _ask(repo, newest.prompt, f"at {short(created[0])} (HEAD~1):")
     repo.checkout("main")
-    _ask(repo, newest["prompt"], "back on main:")
-    console.print(f"\nTry it yourself:  cd {path} && lemoe log && lemoe ask \"{newest['prompt']}\"", highlight=False)
+    _ask(repo, newest.prompt, "back on main:")
+    console.print(f"\nTry it yourself:  cd {path} && lemoe log && lemoe ask \"{newest.prompt}\"", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -44,10 +44,10 @@ def init(
                      progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     info = repo.status()
     if json_:
-        print_json(info)
+        print_json(info.to_dict())
     else:
-        console.print(f"Initialized empty lemoe store in [bold]{info['store']}[/] "
-                      f"(model {info['model']}, layer {info['layer']}, fingerprint {info['fingerprint'][:12]})")
+        console.print(f"Initialized empty lemoe store in [bold]{info.store}[/] "
+                      f"(model {info.model}, layer {info.layer}, fingerprint {info.fingerprint[:12]})")
 
 
 def commit(
@@ -65,7 +65,7 @@ def commit(
     loaded = [fact for path in facts for fact in load_facts(path, fmt_)]  # validate everything first
     repo = Repo.open(store)
     if dry_run:
-        planned = repo.plan_commit(loaded, batch_size, plan, seed)
+        planned = repo.plan_commit(loaded, batch_size=batch_size, plan=plan, seed=seed)
         if json_:
             print_json({"batches": [[f.to_record() for f in b] for b in planned.batches],
                         "duplicates": len(planned.duplicates), "overwrites": planned.overwrites})
@@ -91,7 +91,7 @@ def commit(
                 bar.update(task, description=f"batch {event['batch']}/{event['batches']} "
                                              f"step {event['step']} loss {event['loss']:.3f}")
 
-        created = repo.commit(loaded, message, batch_size, plan, seed, progress=progress,
+        created = repo.commit(loaded, message=message, batch_size=batch_size, plan=plan, seed=seed, progress=progress,
                               on_wait=lambda msg: err_console.print(msg), on_plan=_report_input)
     rows = [(cid, repo.get_commit(cid)) for cid in created]
     if json_:
@@ -119,7 +119,7 @@ def log(
 ) -> None:
     """Show the commit history, newest first."""
     repo = Repo.open(store)
-    entries = repo.log(rev, n, grep)
+    entries = repo.log(rev, limit=n, grep=grep)
     if json_:
         print_json([{"id": cid, **c.to_dict()} for cid, c in entries])
         return
@@ -145,22 +145,23 @@ def show(
     json_: JsonOption = False,
 ) -> None:
     """Show one commit: manifest, facts, metrics, expert size."""
-    data = Repo.open(store).show(rev)
+    info = Repo.open(store).show(rev)
     if json_:
-        print_json(data)
+        print_json(info.to_dict())
         return
-    console.print(f"[yellow]commit {data['id']}[/] ({data['kind']})")
-    console.print(f"Author: {data['author']}\nDate:   {_when(data['time'])}\n\n    {data['message']}\n", highlight=False)
-    metrics = data["metrics"]
+    commit = info.commit
+    console.print(f"[yellow]commit {info.id}[/] ({commit.kind})")
+    console.print(f"Author: {commit.author}\nDate:   {_when(commit.time)}\n\n    {commit.message}\n", highlight=False)
+    metrics = commit.metrics
     console.print(f"Metrics: {_scores_row(metrics)}; training {metrics.get('seconds', '-')} s, "
                   f"{metrics.get('steps', '-')} steps")
-    if data.get("expert"):
-        console.print(f"Expert {short(data['expert']['expert'])}: {data['expert_bytes']} bytes; "
-                      f"anchors {short(data['expert']['anchors'])}: {data['anchors_bytes']} bytes")
-    console.print(f"Tree: {len(data['tree'])} active experts")
+    if commit.expert:
+        console.print(f"Expert {short(commit.expert.expert)}: {info.expert_bytes} bytes; "
+                      f"anchors {short(commit.expert.anchors)}: {info.anchors_bytes} bytes")
+    console.print(f"Tree: {len(commit.tree)} active experts")
     table = Table("id", "prompt", "target")
-    for fact in data.get("facts", []):
-        table.add_row(fact["id"], fact["prompt"], fact["target"])
+    for fact in info.facts:
+        table.add_row(fact.id, fact.prompt, fact.target)
     if table.row_count:
         console.print(table)
 
@@ -169,14 +170,14 @@ def status(store: StoreOption = None, json_: JsonOption = False) -> None:
     """Store path, model, HEAD/branch, active experts, size on disk."""
     info = Repo.open(store).status()
     if json_:
-        print_json(info)
+        print_json(info.to_dict())
         return
-    where = f"On branch {info['branch']}" if info["branch"] else f"HEAD detached at {short(info['head'])}"
+    where = f"On branch {info.branch}" if info.branch else f"HEAD detached at {short(info.head)}"
     console.print(where)
-    console.print(f"store:   {info['store']}\nmodel:   {info['model']} (fingerprint {info['fingerprint'][:12]}, "
-                  f"layer {info['layer']})\nHEAD:    {info['head'] or '(no commits yet)'}\n"
-                  f"experts: {info['experts_active']} active, {info['facts_active']} facts\n"
-                  f"size:    {info['bytes_on_disk']:,} bytes on disk", highlight=False)
+    console.print(f"store:   {info.store}\nmodel:   {info.model} (fingerprint {info.fingerprint[:12]}, "
+                  f"layer {info.layer})\nHEAD:    {info.head or '(no commits yet)'}\n"
+                  f"experts: {info.experts_active} active, {info.facts_active} facts\n"
+                  f"size:    {info.bytes_on_disk:,} bytes on disk", highlight=False)
 
 
 def checkout(
@@ -207,7 +208,7 @@ def ask(
     json_: JsonOption = False,
 ) -> None:
     """Greedy answer at a version, and which commit's expert (if any) answered."""
-    answer = Repo.open(store).ask(prompt, rev, max_new_tokens)
+    answer = Repo.open(store).ask(prompt, rev=rev, max_new_tokens=max_new_tokens)
     if json_:
         print_json(answer.to_dict())
         return
@@ -241,7 +242,7 @@ def eval_(
     share of continuations that loop.
     """
     loaded = load_facts(facts, fmt_) if facts else None
-    scores = Repo.open(store).evaluate(loaded, rev, generate=generate)
+    scores = Repo.open(store).evaluate(loaded, rev=rev, generate=generate)
     if json_:
         print_json({**scores.to_dict(), **({"samples": scores.samples} if samples else {})})
         return

@@ -18,7 +18,7 @@ import importlib
 _HOMES = {
     "Expert": "adaptor", "ExpertArtifact": "adaptor", "LemoeAdaptor": "adaptor", "attach": "adaptor",
     "detach": "adaptor", "find_adaptor": "adaptor", "reattach": "adaptor",
-    "PLANS": "config", "EditConfig": "config",
+    "PLANS": "config", "AdaptorConfig": "config", "EditConfig": "config",
     "Editor": "editor",
     "Scores": "metrics", "evaluate": "metrics",
     "plan": "planning",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from .config import EditConfig
+from .config import AdaptorConfig
 from .routing import NO_EXPERT, AnchorIndex, PaperRouter, Route, prompt_keys
 
 ROUTER_PREFIX = "router."  # artifact weights of the paper's routing (its expert key, the query projection)
@@ -116,7 +116,7 @@ def _mlp_name(layer: nn.Module) -> str:
 class LemoeAdaptor(nn.Module):
     """Wraps one MLP; holds the frozen experts, their anchor index and the per-sequence routing."""
 
-    def __init__(self, base: nn.Module, hidden: int, config: EditConfig, layer: int, key_layer: int | None = None) -> None:
+    def __init__(self, base: nn.Module, hidden: int, config: AdaptorConfig, layer: int, key_layer: int | None = None) -> None:
         super().__init__()
         self.base = base
         self.hidden = hidden
@@ -299,7 +299,7 @@ def find_adaptor(model: nn.Module) -> LemoeAdaptor | None:
     return next((m for m in model.modules() if isinstance(m, LemoeAdaptor)), None)
 
 
-def attach(model: nn.Module, experts: list[ExpertArtifact], config: EditConfig) -> LemoeAdaptor:
+def attach(model: nn.Module, experts: list[ExpertArtifact], config: AdaptorConfig) -> LemoeAdaptor:
     """Insert a LEMoE adaptor (replacing any earlier one) holding exactly `experts`, in order, frozen."""
     count = len(decoder_layers(model))
     layer_index, key_layer = config.resolved_layer(count), config.resolved_key_layer(count)

@@ -1,4 +1,5 @@
-"""Settings of the LEMoE engine, shared by training and inference so both route the same way."""
+"""Settings of the LEMoE engine: the adaptor's (shared by training and inference, so both route the same
+way) and, on top of them, training and planning."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ PLANS = ("cluster", "subject", "original", "random", "reverse")
 
 
 @dataclass
-class EditConfig:
-    """Hyper-parameters of one LEMoE adaptor.
+class AdaptorConfig:
+    """What a loaded version needs to answer (attach, export, serve): where the adaptor sits, how queries
+    are routed, the experts' shape.
 
     layer: index of the decoder layer whose MLP gets the adaptor (None: ~60% depth).
     key_layer: index of the decoder layer whose MLP input gives the routing keys (None: ~20% depth, and
@@ -31,12 +33,7 @@ class EditConfig:
     routing: "kv-anchor" (ours: per-fact anchor keys, nearest anchor above `threshold`, else the base
         model) or "kv-anchor-paper" (the paper's: one learned key per expert, a learned query projection of
         `rank` dimensions, top-1 softmax, no threshold), kept for the ablation.
-    context_templates: how many context prefixes (short texts the base model writes) each fact is also
-        trained behind, as ROME and WISE do; a copy is trained only where it routes to its own fact.
-    anchor_rephrases: train a fact's rephrases too and store their keys as anchors of its expert.
-    locality_regulariser: a fact's locality prompts that route to its expert are trained to keep the
-        base model's predictions. (Benchmarks turn both off: there rephrases and locality prompts are
-        held-out evaluation data.)
+    seed: seeds training, planning and the paper router's initial projection.
     """
 
     layer: int | None = None
@@ -46,38 +43,31 @@ class EditConfig:
     subject_threshold: float = 0.6
     scale: float = 1.0
     routing: str = "kv-anchor"
-    lr: float = 3e-2
-    max_steps: int = 40
-    loss_floor: float = 0.1
-    context_templates: int = 0
-    anchor_rephrases: bool = True
-    locality_regulariser: bool = True
     seed: int = 0
-    batch_size: int = 10
-    plan: str = "cluster"
-    device: str = "auto"
-    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
             raise ConfigError(f"routing must be one of {ROUTINGS}, not {self.routing!r}")
-        if self.plan not in PLANS:
-            raise ConfigError(f"plan must be one of {PLANS}, not {self.plan!r}")
         if not (0.0 < self.threshold <= 1.0 and 0.0 < self.subject_threshold <= 1.0):
             raise ConfigError("threshold and subject_threshold must be in (0, 1]")
-        if self.rank < 1 or self.batch_size < 1 or self.max_steps < 1:
-            raise ConfigError("rank, batch_size and max_steps must be positive")
+        if self.rank < 1:
+            raise ConfigError("rank must be positive")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> EditConfig:
+    def from_dict(cls, data: dict):
+        """Settings as saved by this or an older version (unknown keys, like the old `device`, are dropped)."""
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
         # Settings saved before keys had their own layer took them at the adaptor's layer.
         data.setdefault("key_layer", data.get("layer"))
         return cls(**data)
+
+    def adaptor(self) -> AdaptorConfig:
+        """Only the adaptor's settings (what an export records)."""
+        return AdaptorConfig(**{f.name: getattr(self, f.name) for f in fields(AdaptorConfig)})
 
     def resolved_layer(self, num_layers: int) -> int:
         layer = round(0.6 * num_layers) if self.layer is None else self.layer
@@ -92,3 +82,35 @@ class EditConfig:
         if not 0 <= self.key_layer <= layer:
             raise ConfigError(f"key layer {self.key_layer} must be between 0 and the adaptor's layer {layer}")
         return self.key_layer
+
+
+@dataclass
+class EditConfig(AdaptorConfig):
+    """The adaptor's settings plus how each batch is trained and how facts are planned into batches.
+
+    lr, max_steps, loss_floor: each expert trains at `lr` until every answer token is the argmax and the
+        loss is under `loss_floor`, for at most `max_steps` steps.
+    context_templates: how many context prefixes (short texts the base model writes) each fact is also
+        trained behind, as ROME and WISE do; a copy is trained only where it routes to its own fact.
+    anchor_rephrases: train a fact's rephrases too and store their keys as anchors of its expert.
+    locality_regulariser: a fact's locality prompts that route to its expert are trained to keep the
+        base model's predictions. (Benchmarks turn both off: there rephrases and locality prompts are
+        held-out evaluation data.)
+    batch_size, plan: facts per expert, and how facts are ordered into batches (see `planning.py`).
+    """
+
+    lr: float = 3e-2
+    max_steps: int = 40
+    loss_floor: float = 0.1
+    context_templates: int = 0
+    anchor_rephrases: bool = True
+    locality_regulariser: bool = True
+    batch_size: int = 10
+    plan: str = "cluster"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.plan not in PLANS:
+            raise ConfigError(f"plan must be one of {PLANS}, not {self.plan!r}")
+        if self.batch_size < 1 or self.max_steps < 1:
+            raise ConfigError("batch_size and max_steps must be positive")

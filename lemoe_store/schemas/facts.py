@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +42,11 @@ class Fact:
     locality: tuple[Locality, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        # Lists and dicts, as from JSON, become the tuples and Locality pairs a frozen Fact holds.
+        object.__setattr__(self, "rephrases", tuple(self.rephrases))
+        object.__setattr__(self, "locality", tuple(
+            loc if isinstance(loc, Locality) else Locality(**loc) if isinstance(loc, dict) else Locality(*loc)
+            for loc in self.locality))
         if not self.id:
             digest = hashlib.sha256(f"{self.prompt}\0{self.target}".encode()).hexdigest()
             object.__setattr__(self, "id", f"f{digest[:12]}")
@@ -63,6 +68,13 @@ class Fact:
             rephrases=tuple(record.get("rephrases", ())),
             locality=tuple(Locality(**loc) for loc in record.get("locality", ())),
         )
+
+
+def as_facts(items: Iterable[Fact | dict]) -> list[Fact]:
+    """Facts from Fact objects or plain dicts (native, ZsRE or CounterFact fields), each validated like a
+    line of a facts file; FactsError names the item and the field."""
+    return [item if isinstance(item, Fact) else _native(item, "facts", number)
+            for number, item in enumerate(items, start=1)]
 
 
 def canonical_jsonl(facts: list[Fact]) -> bytes:
