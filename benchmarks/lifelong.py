@@ -24,7 +24,7 @@ from lemoe_store.editing import EditConfig, Editor, detach, evaluate, find_adapt
 from lemoe_store.bench.runner import code_version
 from lemoe_store.editing.batching import encode_prompt
 from lemoe_store.models import load_model
-from lemoe_store.repo import artifact_to_blobs
+from lemoe_store.plumbing import artifact_to_blobs
 from lemoe_store.schemas.facts import Fact, load_facts
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from . import plumbing
 from .schemas.facts import Fact
 from .stores import StoreError, TreeEntry
 from .stores.refs import HEADS, TAGS, check_ref_name
@@ -160,8 +161,9 @@ class HistoryMixin:
                     raise StoreError(f"nothing to revert: the expert of {target[:12]} is not active at HEAD")
                 tree = [e for e in tree if e.expert != commit.expert.expert]
             subject = message or f'Revert "{commit.subject}"'
-            new = self.new_commit("revert", head, f"{subject}\n\nThis reverts commit {target}.", tree, None,
-                                  {}, self.config, {"facts": 0}, reverts=target)
+            new = plumbing.new_commit(self.store, self.config, kind="revert", parent=head,
+                                      message=f"{subject}\n\nThis reverts commit {target}.", tree=tree, entry=None,
+                                      planner={}, metrics={"facts": 0}, reverts=target)
             return self.store.add_commit(new, head)
 
     def _reverted_entry(self, revert_commit) -> TreeEntry:
@@ -205,8 +207,8 @@ class HistoryMixin:
             batches = [[facts[i] for i in b] for b in plan_batches(keys, size, plan, seed, groups)]
             began = time.perf_counter()
             settings = {"order": plan, "batch_size": size, "seed": seed, "batches": len(batches)}
-            created = self.train_batches(batches, base, f"replay ({plan})", "replay", settings, seed, progress,
-                                         lambda *_: None)
+            created = self._train(batches, base, message=f"replay ({plan})", kind="replay", planner=settings,
+                                  seed=seed, progress=progress, on_commit=lambda *_: None)
             seconds = time.perf_counter() - began
             self.store.create_branch(branch, created[-1])
         source_scores = self.evaluate(facts, rev=head)

@@ -9,30 +9,27 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import audit, models
+from . import audit, models, plumbing
 from .audit import AuditRecord
 from .editing.config import EditConfig
 from .history import HistoryMixin
 from .sharing import SharingMixin
-from .schemas.facts import Fact, as_facts, canonical_jsonl, find_duplicates_and_conflicts
-from .stores import Commit, CorruptObjectError, Store, StoreError, TreeEntry
+from .schemas.facts import Fact, as_facts, find_duplicates_and_conflicts
+from .stores import Commit, Store, StoreError
 from .stores import index as idx
-from .stores.refs import current_user
-from .stores.tensors import pack, unpack
 
 if TYPE_CHECKING:  # the engine (torch, transformers) loads only when a command needs a model
     import torch
 
     from .editing import ExpertArtifact, Scores
 
-Progress = Callable[[dict], None]
+Progress = plumbing.Progress
 ATTACHED_UNKNOWN = "<unknown>"  # the loaded model's experts match no known version: re-attach on next use
 
 
@@ -116,15 +113,6 @@ class CommitPlan:
     settings: dict = field(default_factory=dict)  # the planner settings used (recorded in each commit)
 
 
-def artifact_to_blobs(artifact: ExpertArtifact) -> tuple[bytes, bytes]:
-    expert = pack(artifact.weights, {"rank": artifact.rank, "stats": artifact.stats})
-    meta = {"facts": artifact.anchor_facts}
-    if artifact.anchor_spans is not None:
-        meta |= {"spans": artifact.anchor_spans, "subjects": artifact.anchor_subjects}
-    anchors = pack({"keys": artifact.anchors.float()}, meta)
-    return expert, anchors
-
-
 class Repo(HistoryMixin, SharingMixin):
     def __init__(self, store: Store, device: str = "auto") -> None:
         self.store = store
@@ -185,19 +173,7 @@ class Repo(HistoryMixin, SharingMixin):
     def experts_at(self, cid: str | None) -> list[ExpertArtifact]:
         if cid is None:
             return []
-        return [self._artifact(entry) for entry in self.store.read_commit(cid).tree]
-
-    def _artifact(self, entry: TreeEntry) -> ExpertArtifact:
-        from .editing import ExpertArtifact
-
-        try:
-            weights, meta = unpack(self.store.objects.get(entry.expert), entry.expert)
-            anchors, anchor_meta = unpack(self.store.objects.get(entry.anchors), entry.anchors)
-        except CorruptObjectError as exc:
-            users = self.store.commits_using({entry.expert, entry.anchors})
-            raise CorruptObjectError(f"{exc}; used by commit(s) {', '.join(c[:12] for c in users)}") from None
-        return ExpertArtifact(weights, anchors["keys"], list(anchor_meta["facts"]), meta.get("stats", {}),
-                              anchor_meta.get("spans"), anchor_meta.get("subjects"))
+        return [plumbing.read_artifact(self.store, entry) for entry in self.store.read_commit(cid).tree]
 
     def model_at(self, rev: str | None = None):
         """(model, tokenizer): a new, independent base model with exactly `rev`'s experts attached (HEAD by
@@ -323,81 +299,21 @@ class Repo(HistoryMixin, SharingMixin):
             def advance(cid: str, parent: str | None, commit: Commit) -> None:
                 self.store.advance_head(cid, parent, f"commit: {commit.subject}")
 
-            return self.train_batches(planned.batches, head, message or "edit", "edit", planned.settings,
-                                      seed, progress, advance)
+            return self._train(planned.batches, head, message=message or "edit", kind="edit",
+                               planner=planned.settings, seed=seed, progress=progress, on_commit=advance)
 
-    def train_batches(
-        self,
-        batches: list[list[Fact]],
-        parent: str | None,
-        message: str,
-        kind: str,
-        planner: dict,
-        seed: int | None,
-        progress: Progress | None,
-        on_commit: Callable[[str, str | None, Commit], None],
-    ) -> list[str]:
-        """Train one expert per batch on top of `parent`'s tree; write chained commits; return their ids."""
-        from .editing import Editor, evaluate
-
+    def _train(self, batches: list[list[Fact]], parent: str | None, *, message: str, kind: str, planner: dict,
+               seed: int | None, progress: Progress | None, on_commit: plumbing.OnCommit) -> list[str]:
+        """Train one expert per batch on top of `parent` (the shared model's experts change meanwhile)."""
         config = self.config
         config.seed = config.seed if seed is None else seed
         model, tokenizer = self.base_model()
-        editor = Editor(model, tokenizer, config, self.experts_at(parent))
         self._attached = ATTACHED_UNKNOWN
-        tree = list(self.store.read_commit(parent).tree) if parent else []
-        known = {f.prompt: f.target for f in self.facts_at(parent)} if parent else {}
-        created: list[str] = []
-        for number, batch in enumerate(batches, start=1):
-            def on_step(step: int, loss: float, number: int = number) -> None:
-                if progress:
-                    progress({"batch": number, "batches": len(batches), "step": step, "loss": loss})
-
-            artifact = editor.edit(batch, on_step=on_step)
-            scores = evaluate(model, tokenizer, batch)
-            entry = self._write_artifact(artifact, batch)
-            tree.append(entry)
-            subject = message if len(batches) == 1 else f"{message} [{number}/{len(batches)}]"
-            overwrites = sum(1 for f in batch if known.get(f.prompt, f.target) != f.target)
-            known.update({f.prompt: f.target for f in batch})
-            commit = self.new_commit(kind, parent, subject, tree, entry,
-                                     {**planner, "batch": number, "overwrites": overwrites},
-                                     config, {**scores.to_dict(), **artifact.stats})
-            cid = self.store.put_commit(commit)
-            on_commit(cid, parent, commit)
-            parent = cid
-            created.append(cid)
-            if progress:
-                progress({"batch": number, "batches": len(batches), "commit": cid, **artifact.stats})
-        self._attached = parent
+        created = plumbing.train_batches(self.store, model, tokenizer, config, batches, parent=parent,
+                                         parent_facts=self.facts_at(parent) if parent else [], message=message,
+                                         kind=kind, planner=planner, progress=progress, on_commit=on_commit)
+        self._attached = created[-1] if created else parent
         return created
-
-    def new_commit(self, kind: str, parent: str | None, message: str, tree: list[TreeEntry],
-                   entry: TreeEntry | None, planner: dict, config: EditConfig, metrics: dict,
-                   reverts: str | None = None) -> Commit:
-        return Commit(
-            kind=kind,
-            parents=[parent] if parent else [],
-            author=current_user(),
-            time=time.time(),
-            message=message,
-            base_model={k: self.store.config["base_model"][k] for k in ("id", "fingerprint")},
-            expert=entry,
-            tree=list(tree),
-            planner=planner,
-            training=config.to_dict(),
-            seed=config.seed,
-            metrics=metrics,
-            reverts=reverts,
-        )
-
-    def _write_artifact(self, artifact: ExpertArtifact, facts: list[Fact]) -> TreeEntry:
-        expert_bytes, anchor_bytes = artifact_to_blobs(artifact)
-        return TreeEntry(
-            expert=self.store.objects.put(expert_bytes),
-            anchors=self.store.objects.put(anchor_bytes),
-            facts=self.store.objects.put(canonical_jsonl(facts)),
-        )
 
     def checkout(self, rev: str, *, new_branch: str | None = None) -> str:
         """Move HEAD (to a branch, or detached to a commit); with new_branch, create it at rev first."""

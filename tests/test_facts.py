@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lemoe_store.schemas.facts import Fact, FactsError, canonical_jsonl, load_facts, parse_jsonl
+from lemoe_store.schemas.facts import Fact, FactsError, Locality, as_facts, canonical_jsonl, load_facts, parse_jsonl
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -73,3 +73,15 @@ def test_zsre_and_counterfact_are_detected():
     counterfact = load_facts(SHARED / "counterfact-edit-1k.json")
     assert counterfact[0] == Fact(**{**counterfact[0].__dict__})
     assert counterfact[0].id.startswith("cf")
+
+
+def test_facts_take_plain_lists_and_dicts():
+    fact = Fact(prompt="Lena Halden plays", target="cricket", rephrases=["Lena's sport is"],
+                locality=[{"prompt": "0 1 2", "answer": "3"}, ["4 5", "6"]])
+    assert fact.rephrases == ("Lena's sport is",) and fact.locality == (Locality("0 1 2", "3"), Locality("4 5", "6"))
+    assert hash(fact) == hash(Fact.from_record(fact.to_record()))  # still frozen and hashable
+    converted = as_facts([fact, {"prompt": "Eldham mayor", "target": "Priya", "subject": "Eldham"},
+                          {"src": "Who wrote Winter Tides?", "alt": "Kofi"}])
+    assert [f.target for f in converted] == ["cricket", "Priya", "Kofi"] and converted[0] is fact
+    with pytest.raises(FactsError, match="facts:2: target"):
+        as_facts([fact, {"prompt": "Eldham mayor", "target": ""}])

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -42,3 +47,15 @@ def test_version_and_help_list_the_commands():
     help_text = runner.invoke(app, ["--help"]).stdout
     for command in ("init", "commit", "log", "show", "status", "checkout", "ask", "eval", "reindex", "quickstart"):
         assert command in help_text
+
+
+def test_importing_lemoe_store_changes_no_environment_variable(tiny_llama_dir):
+    """Offline loading is asked for per call (local_files_only), not forced on the whole process."""
+    script = ("import os, json; before = dict(os.environ)\n"
+              "import lemoe_store, lemoe_store.models, lemoe_store.repo, lemoe_store.export\n"
+              "from lemoe_store.models import load_model\n"
+              "load_model(os.environ['MODEL_DIR'], device='cpu')\n"
+              "print(json.dumps(sorted(set(os.environ.items()) ^ set(before.items()))))\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")} | {"MODEL_DIR": str(tiny_llama_dir)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

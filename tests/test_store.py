@@ -43,7 +43,7 @@ def test_commit_log_checkout_ask_roundtrip(repo):
     newest = [f for f in facts if f.id in {f.id for f in repo.show("HEAD").facts}]
     for fact in newest:
         answer = repo.ask(fact.prompt, max_new_tokens=8)
-        assert answer.text.strip().startswith(fact.target)
+        assert answer.text.strip().startswith(fact.target) and str(answer) == answer.text
         assert answer.commit == second
 
     repo.checkout("HEAD~1")

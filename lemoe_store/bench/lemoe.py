@@ -5,7 +5,7 @@ routing (`lemoe-kv-paper`: one learned key per expert, a learned query projectio
 from __future__ import annotations
 
 from ..editing import EditConfig, Editor, plan
-from ..repo import artifact_to_blobs
+from ..plumbing import artifact_to_blobs
 from ..schemas.facts import Fact
 from .base import BenchSettings, Method
 

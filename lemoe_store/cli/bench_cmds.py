@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -13,6 +13,9 @@ from .. import models
 from ..bench import DEFAULT_METHODS, PROTOCOLS
 from ..schemas.facts import load_facts
 from .output import console, err_console, fmt, print_json
+
+if TYPE_CHECKING:  # the benchmark (torch) loads only when it runs
+    from ..bench import Result
 
 bench_app = typer.Typer(help="Benchmark LEMoE against prior editors on the same model and data.",
                         no_args_is_help=True)
