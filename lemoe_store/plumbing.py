@@ -5,10 +5,11 @@ dulwich keeps its object and ref plumbing apart from its porcelain."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from .editing.config import EditConfig
+from .errors import ConfigError
 from .schemas.facts import Fact, canonical_jsonl
 from .stores import Commit, CorruptObjectError, Store, TreeEntry
 from .stores.refs import current_user
@@ -16,6 +17,9 @@ from .stores.tensors import pack, unpack
 
 if TYPE_CHECKING:
     from .editing import ExpertArtifact
+    from .parallel import LocalWorkers, RayWorkers
+
+    Workers = LocalWorkers | RayWorkers
 
 Progress = Callable[[dict], None]
 OnCommit = Callable[[str, "str | None", Commit], None]  # (new commit id, its parent, the commit)
@@ -76,22 +80,24 @@ def new_commit(store: Store, config: EditConfig, *, kind: str, parent: str | Non
 
 def train_batches(store: Store, model, tokenizer, config: EditConfig, batches: list[list[Fact]], *,
                   parent: str | None, parent_facts: list[Fact], message: str, kind: str, planner: dict,
-                  progress: Progress | None, on_commit: OnCommit) -> list[str]:
-    """Train one expert per batch on top of `parent`'s experts (already attached to `model` by the Editor);
-    write chained commits, handing each to `on_commit` as it is written; return their ids."""
+                  progress: Progress | None, on_commit: OnCommit, workers: Workers | None = None,
+                  device: str = "cpu") -> list[str]:
+    """Train one expert per batch on top of `parent`'s experts; write chained commits in plan order,
+    handing each to `on_commit` as it is written; return their ids. With `workers`, the batches train at
+    once (see `lemoe_store.parallel`); if one cannot be trained, the commits before it stay."""
     from .editing import Editor, evaluate
 
-    editor = Editor(model, tokenizer, config, [read_artifact(store, e) for e in _tree(store, parent)])
+    experts = [read_artifact(store, e) for e in _tree(store, parent)]
+    editor = Editor(model, tokenizer, config, experts)
+    if workers is None:
+        artifacts = _trained_in_turn(editor, batches, progress)
+    else:
+        artifacts = _trained_apart(editor, experts, batches, workers, store.config["base_model"]["id"], device)
     tree = _tree(store, parent)
     known = {f.prompt: f.target for f in parent_facts}
     created: list[str] = []
-    for number, batch in enumerate(batches, start=1):
-        def on_step(step: int, loss: float, number: int = number) -> None:
-            if progress:
-                progress({"batch": number, "batches": len(batches), "step": step, "loss": loss})
-
-        artifact = editor.edit(batch, on_step=on_step)
-        scores = evaluate(model, tokenizer, batch)
+    for number, (batch, artifact) in enumerate(zip(batches, artifacts), start=1):
+        scores = evaluate(model, tokenizer, batch)  # with every expert up to this batch's attached
         entry = write_artifact(store, artifact, batch)
         tree.append(entry)
         subject = message if len(batches) == 1 else f"{message} [{number}/{len(batches)}]"
@@ -107,6 +113,46 @@ def train_batches(store: Store, model, tokenizer, config: EditConfig, batches: l
         if progress:
             progress({"batch": number, "batches": len(batches), "commit": cid, **artifact.stats})
     return created
+
+
+def _trained_in_turn(editor, batches: list[list[Fact]], progress: Progress | None) -> Iterator[ExpertArtifact]:
+    for number, batch in enumerate(batches, start=1):
+        def on_step(step: int, loss: float, number: int = number) -> None:
+            if progress:
+                progress({"batch": number, "batches": len(batches), "step": step, "loss": loss})
+
+        yield editor.edit(batch, on_step=on_step)
+
+
+def _trained_apart(editor, experts: list[ExpertArtifact], batches: list[list[Fact]], workers: Workers,
+                   model_id: str, device: str) -> Iterator[ExpertArtifact]:
+    """Every batch's expert trained by a worker; yielded in plan order, each attached to the editor's model
+    first (so the batch is scored with it), each checked to carry exactly the anchors planned for it."""
+    import torch
+
+    from .parallel import TrainingTask, WorkerError, stand_in
+
+    if editor.config.routing != "kv-anchor":
+        raise ConfigError("training on workers needs kv-anchor routing (the paper's router learns in turn)")
+    earlier = [stand_in(a) for a in experts]
+    planned = [editor.stand_in(batch) for batch in batches]
+    tasks = [TrainingTask(k, model_id, device, editor.config.to_dict(), earlier + planned[:k],
+                          [f.to_record() for f in batch], workers.threads) for k, batch in enumerate(batches)]
+    finished: dict[int, ExpertArtifact | BaseException] = {}
+    results = workers.run(tasks)
+    for k in range(len(batches)):
+        while k not in finished:
+            index, result = next(results)
+            finished[index] = result
+        result = finished.pop(k)
+        if isinstance(result, BaseException):
+            raise WorkerError(f"batch {k + 1} of {len(batches)} could not be trained ({result}); "
+                              f"the {k} batch(es) before it are committed") from result
+        if result.anchor_facts != planned[k].anchor_facts or not torch.allclose(result.anchors, planned[k].anchors,
+                                                                               atol=1e-4):
+            raise WorkerError(f"batch {k + 1} came back with other anchors than planned")
+        editor.adaptor.add_expert(result)
+        yield result
 
 
 def _tree(store: Store, cid: str | None) -> list[TreeEntry]:

@@ -284,12 +284,17 @@ class Repo(HistoryMixin, SharingMixin):
         progress: Progress | None = None,
         on_wait: Callable[[str], None] | None = None,
         on_plan: Callable[[CommitPlan], None] | None = None,
+        workers: int = 1,
+        ray: str | None = None,
     ) -> list[str]:
         """Plan, train one frozen expert per batch and write one commit per batch; return the commit ids.
 
         Each batch's commit becomes HEAD as soon as it is written, so an interruption keeps every
-        finished batch and nothing half-done.
+        finished batch and nothing half-done. `workers` > 1 trains the batches at once in that many local
+        processes; `ray` does it on a Ray cluster ("" or "local": one started here; else its address).
+        The commits are the same as in turn (weights equal within float tolerance).
         """
+        pool = _workers(workers, ray)
         with self.store.lock(on_wait=on_wait):
             planned = self.plan_commit(facts, batch_size=batch_size, plan=plan, seed=seed)
             if on_plan:
@@ -300,10 +305,12 @@ class Repo(HistoryMixin, SharingMixin):
                 self.store.advance_head(cid, parent, f"commit: {commit.subject}")
 
             return self._train(planned.batches, head, message=message or "edit", kind="edit",
-                               planner=planned.settings, seed=seed, progress=progress, on_commit=advance)
+                               planner=planned.settings, seed=seed, progress=progress, on_commit=advance,
+                               workers=pool)
 
     def _train(self, batches: list[list[Fact]], parent: str | None, *, message: str, kind: str, planner: dict,
-               seed: int | None, progress: Progress | None, on_commit: plumbing.OnCommit) -> list[str]:
+               seed: int | None, progress: Progress | None, on_commit: plumbing.OnCommit,
+               workers: plumbing.Workers | None = None) -> list[str]:
         """Train one expert per batch on top of `parent` (the shared model's experts change meanwhile)."""
         config = self.config
         config.seed = config.seed if seed is None else seed
@@ -311,8 +318,9 @@ class Repo(HistoryMixin, SharingMixin):
         self._attached = ATTACHED_UNKNOWN
         created = plumbing.train_batches(self.store, model, tokenizer, config, batches, parent=parent,
                                          parent_facts=self.facts_at(parent) if parent else [], message=message,
-                                         kind=kind, planner=planner, progress=progress, on_commit=on_commit)
-        self._attached = created[-1] if created else parent
+                                         kind=kind, planner=planner, progress=progress, on_commit=on_commit,
+                                         workers=workers, device=str(models.resolve_device(self.device)))
+        self._attached = created[-1]
         return created
 
     def checkout(self, rev: str, *, new_branch: str | None = None) -> str:
@@ -433,3 +441,11 @@ class Repo(HistoryMixin, SharingMixin):
         return CommitInfo(cid, commit, facts, self.store.objects.size(commit.expert.expert),
                           self.store.objects.size(commit.expert.anchors))
 
+
+def _workers(workers: int, ray: str | None) -> plumbing.Workers | None:
+    """Where a commit's batches train: None (here, in turn), local processes, or Ray."""
+    from .parallel import LocalWorkers, RayWorkers
+
+    if ray is not None:
+        return RayWorkers(None if ray in ("", "local") else ray, workers if workers > 1 else None)
+    return LocalWorkers(workers) if workers > 1 else None

@@ -58,6 +58,10 @@ def commit(
     seed: Annotated[int | None, typer.Option(help="Seed for planning and training.")] = None,
     fmt_: Annotated[str, typer.Option("--format", help=f"Input format: {', '.join(FORMATS)}.")] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only validate and print the plan.")] = False,
+    workers: Annotated[int, typer.Option("--workers", help="Train the batches at once in N local processes.")] = 1,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+        help="Train the batches on a Ray cluster (at ADDRESS; alone: a local one). Needs lemoe-store[ray].")] = None,
     store: StoreOption = None,
     json_: JsonOption = False,
 ) -> None:
@@ -92,7 +96,8 @@ def commit(
                                              f"step {event['step']} loss {event['loss']:.3f}")
 
         created = repo.commit(loaded, message=message, batch_size=batch_size, plan=plan, seed=seed, progress=progress,
-                              on_wait=lambda msg: err_console.print(msg), on_plan=_report_input)
+                              on_wait=lambda msg: err_console.print(msg), on_plan=_report_input, workers=workers,
+                              ray=ray)
     rows = [(cid, repo.get_commit(cid)) for cid in created]
     if json_:
         print_json([{"id": cid, "message": c.message, "metrics": c.metrics} for cid, c in rows])

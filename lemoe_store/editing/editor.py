@@ -19,7 +19,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..schemas.facts import Fact
-from .adaptor import ROUTER_PREFIX, ExpertArtifact, LemoeAdaptor, RoutingDecision, attach, decoder_layers
+from .adaptor import ROUTER_PREFIX, Expert, ExpertArtifact, LemoeAdaptor, RoutingDecision, attach, decoder_layers
 from .batching import Pair, encode_pair, left_pad, model_device, positions, routing_keys, teacher_forced_predictions
 from .config import EditConfig
 from .routing import NO_EXPERT, occurs
@@ -108,6 +108,36 @@ def recording_input(module: nn.Module, into: list) -> Iterator[None]:
         handle.remove()
 
 
+@dataclass
+class _Batch:
+    """An edit batch's rows after one forward: their keys (B, H) and K/V cache up to the last prompt token."""
+
+    rows: list[_Row]
+    prompt_mask: torch.Tensor
+    keys: torch.Tensor
+    prefix: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def is_anchor(self) -> torch.Tensor:
+        return torch.tensor([r.anchor for r in self.rows])
+
+    @property
+    def anchors(self) -> torch.Tensor:
+        return self.keys[self.is_anchor]
+
+    @property
+    def anchor_facts(self) -> list[str]:
+        return [r.fact_id for r in self.rows if r.anchor]
+
+    @property
+    def anchor_spans(self) -> list[int]:
+        return [len(r.pair.answer) for r in self.rows if r.anchor]
+
+    @property
+    def anchor_subjects(self) -> list[list[list[int]]]:
+        return [r.subject for r in self.rows if r.anchor]
+
+
 class Editor:
     """Edits a model batch by batch; earlier experts stay frozen, the base model is never touched."""
 
@@ -130,19 +160,10 @@ class Editor:
         """Routing keys (N, H) of prompts, exactly as inference computes them."""
         return routing_keys(self.model, self.tokenizer, prompts)
 
-    def edit(self, facts: list[Fact], on_step: StepCallback | None = None) -> ExpertArtifact:
-        """Train a new expert on `facts`, freeze it, keep it attached, and return it.
-
-        Trained prompts: each fact's prompt, plus (with `anchor_rephrases`) its rephrases, which also become
-        anchors; with `context_templates`, the prompt behind that many context prefixes (not anchors; trained
-        where they route to their own fact, with its key); with `locality_regulariser`, a fact's locality
-        prompts that would route to the new expert are trained to keep the base model's predictions.
-        """
+    def _prepare(self, facts: list[Fact]) -> _Batch:
+        """The batch's training rows, run once through the model: routing keys, K/V cache, anchors."""
         if not facts:
             raise ValueError("an edit batch needs at least one fact")
-        began = time.perf_counter()
-        expert_index = len(self.adaptor.experts)
-        torch.manual_seed(self.config.seed * 100_003 + expert_index)
         rows = [_anchor_row(self.tokenizer, f, f.prompt) for f in facts]
         if self.config.anchor_rephrases:
             rows += [_anchor_row(self.tokenizer, f, r) for f in facts for r in f.rephrases]
@@ -162,13 +183,31 @@ class Editor:
         keys = self.adaptor.last_keys.cpu()
         # The last prompt token is re-run in every step (the expert acts on it): cache only what precedes it.
         prefix = [(k[..., :-1, :].detach(), v[..., :-1, :].detach()) for k, v, *_ in out.cache]
+        return _Batch(rows, prompt_mask, keys, prefix)
 
-        is_anchor = torch.tensor([r.anchor for r in rows])
-        anchors = keys[is_anchor]
-        anchor_rows = [r for r in rows if r.anchor]
-        anchor_facts = [r.fact_id for r in anchor_rows]
-        anchor_spans = [len(r.pair.answer) for r in anchor_rows]
-        anchor_subjects = [r.subject for r in anchor_rows]
+    def stand_in(self, facts: list[Fact]) -> ExpertArtifact:
+        """The anchors `edit(facts)` will store, with zero weights and without training: what a parallel
+        worker needs to know about the experts before its own (see `lemoe_store.parallel`)."""
+        batch = self._prepare(facts)
+        shapes = Expert(self.adaptor.hidden, self.config.rank).state_dict()
+        return ExpertArtifact({k: torch.zeros_like(v) for k, v in shapes.items()}, batch.anchors.float(),
+                              batch.anchor_facts, {}, batch.anchor_spans, batch.anchor_subjects)
+
+    def edit(self, facts: list[Fact], on_step: StepCallback | None = None) -> ExpertArtifact:
+        """Train a new expert on `facts`, freeze it, keep it attached, and return it.
+
+        Trained prompts: each fact's prompt, plus (with `anchor_rephrases`) its rephrases, which also become
+        anchors; with `context_templates`, the prompt behind that many context prefixes (not anchors; trained
+        where they route to their own fact, with its key); with `locality_regulariser`, a fact's locality
+        prompts that would route to the new expert are trained to keep the base model's predictions.
+        """
+        began = time.perf_counter()
+        expert_index = len(self.adaptor.experts)
+        torch.manual_seed(self.config.seed * 100_003 + expert_index)
+        batch = self._prepare(facts)
+        rows, prompt_mask, keys, prefix = batch.rows, batch.prompt_mask, batch.keys, batch.prefix
+        is_anchor, anchors = batch.is_anchor, batch.anchors
+        anchor_facts, anchor_spans, anchor_subjects = batch.anchor_facts, batch.anchor_spans, batch.anchor_subjects
         self.adaptor.add_expert(rank=self.config.rank)
         self.adaptor.add_anchors(anchors, expert_index, anchor_facts, anchor_spans, anchor_subjects)
         router = self.adaptor.paper_router

@@ -1,0 +1,146 @@
+"""Training the batches of one commit at once: local worker processes, or tasks on a Ray cluster.
+
+Why batches can train apart: routing keys come from a layer at or below the adaptor's, so every anchor of
+a commit is known before any expert trains; and training an expert never runs the experts before it (its
+own rows are forced to it, every other row to none), so batch k needs the *anchors* of the experts before
+it, not their weights. The parent computes all anchors up front, each task trains one expert against
+stand-ins that carry those anchors, and the parent checks each result and writes the commits in plan order.
+
+A task whose worker dies is run once more; a task that fails twice ends the commit after the batches
+before it, which stay committed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing import get_context
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError, LemoeError
+
+if TYPE_CHECKING:
+    from .editing import ExpertArtifact
+
+ATTEMPTS = 2  # a task whose worker dies is run once more
+
+
+class WorkerError(LemoeError):
+    """A batch could not be trained by any worker (twice); the batches before it were committed."""
+
+
+@dataclass(frozen=True)
+class TrainingTask:
+    """Everything one worker needs to train the expert of one batch (picklable; no model inside)."""
+
+    index: int  # the batch's place in the plan
+    model: str  # the base model's id or directory; each worker loads it once
+    device: str
+    config: dict  # EditConfig.to_dict()
+    earlier: list[ExpertArtifact]  # stand-ins for every expert before this one: anchors, shapes, zero weights
+    facts: list[dict]  # the batch, as records
+    threads: int  # torch threads for this task
+
+
+def train_task(task: TrainingTask) -> ExpertArtifact:
+    """Train one batch's expert in this process (the function local workers and Ray tasks run)."""
+    import torch
+
+    from .editing import EditConfig, Editor
+    from .schemas.facts import Fact
+
+    if os.environ.get("LEMOE_TEST_KILL_BATCH") == str(task.index):  # tests: a worker dying mid-task
+        os._exit(1)
+    torch.set_num_threads(task.threads)
+    model, tokenizer = _model(task.model, task.device)
+    editor = Editor(model, tokenizer, EditConfig.from_dict(task.config), task.earlier)
+    return editor.edit([Fact.from_record(r) for r in task.facts])
+
+
+_LOADED: dict[tuple[str, str], tuple] = {}  # per worker process: the base model, loaded once
+
+
+def _model(model: str, device: str):
+    from . import models
+
+    if (model, device) not in _LOADED:
+        _LOADED[(model, device)] = models.load_model(model, device=device)
+    return _LOADED[(model, device)]
+
+
+def stand_in(artifact: ExpertArtifact) -> ExpertArtifact:
+    """An expert with the artifact's anchors and shape but zero weights: training never runs it."""
+    from dataclasses import replace
+
+    import torch
+
+    return replace(artifact, weights={k: torch.zeros_like(v) for k, v in artifact.weights.items()})
+
+
+class LocalWorkers:
+    """`workers` local processes (spawned, so they share nothing with the parent), the cores split evenly."""
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ConfigError("--workers must be at least 1")
+        self.workers = workers
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
+
+    def run(self, tasks: list[TrainingTask]) -> Iterator[tuple[int, ExpertArtifact | BaseException]]:
+        """(task index, artifact or error), in completion order. All tasks share one pool; if a worker dies,
+        the pool is gone, so every unfinished task is run once more, each in a process of its own (so a
+        task that kills its worker again takes no other task with it)."""
+        unfinished: list[TrainingTask] = []
+        with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(train_task, task): task for task in tasks}
+            for future in as_completed(futures):
+                error = future.exception()
+                if isinstance(error, BrokenProcessPool):
+                    unfinished.append(futures[future])
+                else:
+                    yield futures[future].index, error or future.result()
+        if unfinished:
+            with ThreadPoolExecutor(self.workers) as runners:
+                retried = {runners.submit(_alone, task): task for task in unfinished}
+                for future in as_completed(retried):
+                    yield retried[future].index, future.result()
+
+
+def _alone(task: TrainingTask) -> ExpertArtifact | BaseException:
+    """Run one task in a process of its own; its error (a dead worker: WorkerError) instead of raising."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        future = pool.submit(train_task, task)
+        error = future.exception()
+        if isinstance(error, BrokenProcessPool):
+            return WorkerError(f"the worker training batch {task.index + 1} died twice")
+        return error or future.result()
+
+
+class RayWorkers:
+    """Tasks on a Ray cluster: the one at `address`, or a local one started for this commit."""
+
+    def __init__(self, address: str | None, workers: int | None = None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError("--ray needs Ray: pip install 'lemoe-store[ray]'") from None
+        self.ray = ray
+        if not ray.is_initialized():
+            options = {"address": address} if address else {"num_cpus": workers or os.cpu_count()}
+            ray.init(**options, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        self.threads = 1
+
+    def run(self, tasks: list[TrainingTask]) -> Iterator[tuple[int, ExpertArtifact | BaseException]]:
+        remote = self.ray.remote(num_cpus=1, max_retries=ATTEMPTS - 1)(train_task)  # retried if a worker dies
+        refs = {remote.remote(task): task.index for task in tasks}
+        while refs:
+            done, _ = self.ray.wait(list(refs), num_returns=1)
+            for ref in done:
+                index = refs.pop(ref)
+                try:
+                    yield index, self.ray.get(ref)
+                except self.ray.exceptions.RayError as error:
+                    yield index, WorkerError(f"batch {index + 1} failed on Ray: {str(error).splitlines()[0]}")
