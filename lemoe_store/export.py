@@ -163,7 +163,10 @@ def attach_version(model, source: str | Path | Repo, rev: str | None = None, *, 
         with disable_experts(model):   # the base model, for comparison
             ...
     """
-    version = _version(source, rev)
+    return _attach(model, _version(source, rev), verify)
+
+
+def _attach(model, version: _Version, verify: bool):
     if verify:
         _check_base(model, version)
     attach(model, version.experts, version.config)
@@ -185,10 +188,9 @@ def load_version(path: str | Path | Repo, rev: str | None = None, device: str = 
     """(model, tokenizer): a fresh base model with a version attached: of an exported folder, or `rev`
     (default HEAD) of a store. Each call returns a new, independent model."""
     version = _version(path, rev)
-    _check_base_dir(version.base_dir, version)
+    _check_base_dir(version.base_dir, version)  # before loading: a wrong model fails fast
     model, tokenizer = models.load_model(str(version.base_dir), device=device)
-    attach(model, version.experts, version.config)
-    return model, tokenizer
+    return _attach(model, version, verify=False), tokenizer
 
 
 def _read_manifest(folder: Path) -> dict:

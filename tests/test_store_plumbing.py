@@ -137,3 +137,12 @@ def test_fsck_finds_corruption_and_gc_keeps_what_reflogs_reach(store):
     path.write_bytes(path.read_bytes()[:-4])  # a truncated tensor blob
     problems = fsck(store).problems
     assert problems and any(expert[:12] in p for p in problems)
+
+
+def test_settings_saved_by_older_versions_still_load():
+    from lemoe_store.editing.config import AdaptorConfig, EditConfig
+
+    old = {"layer": 18, "rank": 64, "threshold": 0.8, "lr": 0.03, "device": "auto", "dtype": "float32"}
+    config = EditConfig.from_dict(old)
+    assert (config.layer, config.key_layer, config.lr) == (18, 18, 0.03)  # keys were taken at the adaptor's layer
+    assert config.adaptor() == AdaptorConfig.from_dict(old) and not hasattr(config.adaptor(), "lr")
