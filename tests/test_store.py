@@ -66,6 +66,10 @@ def test_answers_are_bit_for_bit_reproducible_across_processes(repo, tmp_path):
     ids = torch.tensor([encode_prompt(tokenizer, facts[0].prompt)])
     with torch.no_grad():
         here = model(input_ids=ids).logits
+        # Experts are stored in float16, and the model that trained them was rounded the same way.
+        live, _ = repo._shared_model_at("HEAD")
+        assert torch.equal(live(input_ids=ids).logits, here)
+    assert {w.dtype for a in repo.experts_at(repo.resolve("HEAD")) for w in a.weights.values()} == {torch.float16}
     script = (
         "import sys, torch; from lemoe_store.repo import Repo; from lemoe_store.editing.batching import encode_prompt\n"
         "repo = Repo.open(sys.argv[1], device='cpu'); model, tok = repo.model_at('HEAD')\n"

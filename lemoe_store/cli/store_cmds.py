@@ -36,11 +36,13 @@ def init(
     subject_threshold: Annotated[float, typer.Option(help="Routing threshold for facts with a subject (only "
                                                           "prompts naming that subject can match).")] = 0.6,
     rank: Annotated[int, typer.Option(help="Hidden width of each expert.")] = 64,
+    expert_dtype: Annotated[str, typer.Option(help="Precision experts are stored in: float16, bfloat16 or "
+                                                   "float32.")] = "float16",
     json_: JsonOption = False,
 ) -> None:
     """Create an empty store for a base model; records its fingerprint."""
     repo = Repo.init(path, model=model, layer=layer, key_layer=key_layer, threshold=threshold,
-                     subject_threshold=subject_threshold, rank=rank,
+                     subject_threshold=subject_threshold, rank=rank, expert_dtype=expert_dtype,
                      progress=lambda msg: err_console.print(f"[dim]{msg}[/]"))
     info = repo.status()
     if json_:

@@ -159,7 +159,7 @@ class LemoeAdaptor(nn.Module):
             self.add_anchors(artifact.anchors, len(self.experts), artifact.anchor_facts,
                              artifact.anchor_spans, artifact.anchor_subjects)
             if self.paper_router is not None:  # the newest artifact carries the projection as it was trained
-                self.paper_router.add_key(artifact.weights[f"{ROUTER_PREFIX}key"].to(reference.device))
+                self.paper_router.add_key(artifact.weights[f"{ROUTER_PREFIX}key"].to(reference.device, torch.float32))
                 with torch.no_grad():
                     self.paper_router.query.weight.copy_(artifact.weights[f"{ROUTER_PREFIX}query"])
         self.experts.append(expert)

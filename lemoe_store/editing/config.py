@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from ..errors import ConfigError
 
 ROUTINGS = ("kv-anchor", "kv-anchor-paper")
+EXPERT_DTYPES = ("float32", "float16", "bfloat16")
 PLANS = ("cluster", "subject", "original", "random", "reverse")
 
 
@@ -34,6 +35,9 @@ class AdaptorConfig:
         model) or "kv-anchor-paper" (the paper's: one learned key per expert, a learned query projection of
         `rank` dimensions, top-1 softmax, no threshold), kept for the ablation.
     seed: seeds training, planning and the paper router's initial projection.
+    expert_dtype: the precision experts are kept and stored in once trained (they train in the model's).
+        float16 halves the bytes per fact; on the ZsRE training split it changes no metric by more than
+        benchmarks/half_precision.py reports. Stores made before this setting existed keep float32.
     """
 
     layer: int | None = None
@@ -44,10 +48,13 @@ class AdaptorConfig:
     scale: float = 1.0
     routing: str = "kv-anchor"
     seed: int = 0
+    expert_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
             raise ConfigError(f"routing must be one of {ROUTINGS}, not {self.routing!r}")
+        if self.expert_dtype not in EXPERT_DTYPES:
+            raise ConfigError(f"expert_dtype must be one of {EXPERT_DTYPES}, not {self.expert_dtype!r}")
         if not (0.0 < self.threshold <= 1.0 and 0.0 < self.subject_threshold <= 1.0):
             raise ConfigError("threshold and subject_threshold must be in (0, 1]")
         if self.rank < 1:
@@ -61,8 +68,10 @@ class AdaptorConfig:
         """Settings as saved by this or an older version (unknown keys, like the old `device`, are dropped)."""
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
-        # Settings saved before keys had their own layer took them at the adaptor's layer.
+        # Settings saved before keys had their own layer took them at the adaptor's layer, and before
+        # experts had a storage precision they were float32.
         data.setdefault("key_layer", data.get("layer"))
+        data.setdefault("expert_dtype", "float32")
         return cls(**data)
 
     def adaptor(self) -> AdaptorConfig:

@@ -238,7 +238,13 @@ class Editor:
         finally:
             for parameter in parameters:
                 parameter.requires_grad_(False)
-        weights = {k: v.detach().to("cpu", torch.float32).clone() for k, v in trained_weights.items()}
+        # Frozen at the storage precision, and the live expert rounded the same way: the model answers now
+        # exactly as it will once the version is loaded back from the store.
+        storage = getattr(torch, self.config.expert_dtype)
+        weights = {k: v.detach().to("cpu", storage).clone() for k, v in trained_weights.items()}
+        with torch.no_grad():
+            for name, parameter in trained_weights.items():
+                parameter.copy_(weights[name].to(parameter.dtype))
         stats = {
             "steps": steps,
             "loss": round(loss, 6),
