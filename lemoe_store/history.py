@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import plumbing
+from .parallel import workers_for
 from .schemas.facts import Fact
 from .stores import StoreError, TreeEntry
 from .stores.refs import HEADS, TAGS, check_ref_name
@@ -181,9 +182,12 @@ class HistoryMixin:
 
     # -- replay -----------------------------------------------------------------------------------------
     def replay(self, branch: str, *, plan: str = "cluster", seed: int | None = None, batch_size: int | None = None,
-               since: str | None = None, progress=None) -> tuple[list[str], list[ReplayRow]]:
-        """Re-plan the history's facts under `plan` and retrain them on a new branch; HEAD stays put."""
+               since: str | None = None, progress=None, workers: int = 1,
+               ray: str | None = None) -> tuple[list[str], list[ReplayRow]]:
+        """Re-plan the history's facts under `plan` and retrain them on a new branch; HEAD stays put.
+        `workers`/`ray` train the batches at once, as in `commit`."""
         check_ref_name(branch)
+        pool = workers_for(workers, ray)
         if branch in self.store.branches():
             raise StoreError(f"branch {branch!r} already exists")
         with self.store.lock():
@@ -208,7 +212,7 @@ class HistoryMixin:
             began = time.perf_counter()
             settings = {"order": plan, "batch_size": size, "seed": seed, "batches": len(batches)}
             created = self._train(batches, base, message=f"replay ({plan})", kind="replay", planner=settings,
-                                  seed=seed, progress=progress, on_commit=lambda *_: None)
+                                  seed=seed, progress=progress, on_commit=lambda *_: None, workers=pool)
             seconds = time.perf_counter() - began
             self.store.create_branch(branch, created[-1])
         source_scores = self.evaluate(facts, rev=head)

@@ -80,6 +80,14 @@ def stand_in(artifact: ExpertArtifact) -> ExpertArtifact:
     return replace(artifact, weights={k: torch.zeros_like(v) for k, v in artifact.weights.items()})
 
 
+def workers_for(workers: int = 1, ray: str | None = None) -> LocalWorkers | RayWorkers | None:
+    """Where a commit's batches train: None (in turn, here), `workers` local processes, or Ray (`ray`:
+    "" or "local" starts a local cluster, anything else is a cluster's address)."""
+    if ray is not None:
+        return RayWorkers(None if ray in ("", "local") else ray, workers if workers > 1 else None)
+    return LocalWorkers(workers) if workers > 1 else None
+
+
 class LocalWorkers:
     """`workers` local processes (spawned, so they share nothing with the parent), the cores split evenly."""
 

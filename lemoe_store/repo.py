@@ -19,6 +19,7 @@ from . import audit, models, plumbing
 from .audit import AuditRecord
 from .editing.config import EditConfig
 from .history import HistoryMixin
+from .parallel import workers_for
 from .sharing import SharingMixin
 from .schemas.facts import Fact, as_facts, find_duplicates_and_conflicts
 from .stores import Commit, Store, StoreError
@@ -294,7 +295,7 @@ class Repo(HistoryMixin, SharingMixin):
         processes; `ray` does it on a Ray cluster ("" or "local": one started here; else its address).
         The commits are the same as in turn (weights equal within float tolerance).
         """
-        pool = _workers(workers, ray)
+        pool = workers_for(workers, ray)
         with self.store.lock(on_wait=on_wait):
             planned = self.plan_commit(facts, batch_size=batch_size, plan=plan, seed=seed)
             if on_plan:
@@ -441,11 +442,3 @@ class Repo(HistoryMixin, SharingMixin):
         return CommitInfo(cid, commit, facts, self.store.objects.size(commit.expert.expert),
                           self.store.objects.size(commit.expert.anchors))
 
-
-def _workers(workers: int, ray: str | None) -> plumbing.Workers | None:
-    """Where a commit's batches train: None (here, in turn), local processes, or Ray."""
-    from .parallel import LocalWorkers, RayWorkers
-
-    if ray is not None:
-        return RayWorkers(None if ray in ("", "local") else ray, workers if workers > 1 else None)
-    return LocalWorkers(workers) if workers > 1 else None

@@ -74,3 +74,14 @@ def test_a_worker_that_keeps_dying_leaves_only_whole_commits(tmp_path, tiny_llam
     log = repo.log()
     assert len(log) == 2 and log[1][0] == head and log[0][1].subject == "batches [1/2]"
     assert fsck(repo.store).ok and not repo.store.temp_files()
+
+
+def test_replay_on_workers_gives_the_replay_in_turn(in_turn):
+    in_turn.replay("replay-in-turn", plan="random", seed=1)
+    in_turn.replay("replay-workers", plan="random", seed=1, workers=2)
+    ours, theirs = in_turn.experts_at(in_turn.resolve("replay-workers")), in_turn.experts_at(in_turn.resolve("replay-in-turn"))
+    assert [a.anchor_facts for a in ours] == [b.anchor_facts for b in theirs] and len(ours) == 3
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a.anchors, b.anchors, atol=1e-5)
+        assert all(torch.allclose(a.weights[k].float(), b.weights[k].float(), atol=2e-3) for k in a.weights)
+    assert in_turn.resolve("HEAD") == in_turn.resolve("main")  # replay leaves HEAD where it was

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..editing.config import PLANS
 from ..repo import Repo
-from .output import JsonOption, StoreOption, console, fmt, print_json, short
+from .output import JsonOption, RayOption, StoreOption, WorkersOption, console, fmt, print_json, short
 
 
 def branch(
@@ -115,13 +115,16 @@ def replay(
     seed: Annotated[int | None, typer.Option(help="Seed for planning and training.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Facts per expert.")] = None,
     since: Annotated[str | None, typer.Option("--from", help="Replay only facts added after this revision.")] = None,
+    workers: WorkersOption = 1,
+    ray: RayOption = None,
     store: StoreOption = None,
     json_: JsonOption = False,
 ) -> None:
     """Retrain the history's facts under another ordering on a new branch and compare."""
     repo = Repo.open(store)
     with console.status(f"replaying with plan {plan}…"):
-        created, rows = repo.replay(branch_name, plan=plan, seed=seed, batch_size=batch_size, since=since)
+        created, rows = repo.replay(branch_name, plan=plan, seed=seed, batch_size=batch_size, since=since,
+                                    workers=workers, ray=ray)
     if json_:
         print_json({"commits": created, "rows": [asdict(r) for r in rows]})
         return

@@ -12,6 +12,10 @@ console = Console()
 err_console = Console(stderr=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of a table.")]
+WorkersOption = Annotated[int, typer.Option("--workers", help="Train the batches at once in N local processes.")]
+RayOption = Annotated[str | None, typer.Option(
+    "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+    help="Train the batches on a Ray cluster (at ADDRESS; alone: a local one). Needs lemoe-store[ray].")]
 StoreOption = Annotated[
     str | None, typer.Option("--store", envvar="LEMOE_DIR", help="Store path (default: .lemoe here or above).")
 ]

@@ -14,7 +14,7 @@ from .. import models
 from ..editing.config import PLANS
 from ..repo import Repo
 from ..schemas.facts import FORMATS, load_facts
-from .output import JsonOption, StoreOption, console, err_console, fmt, print_json, short
+from .output import JsonOption, RayOption, StoreOption, WorkersOption, console, err_console, fmt, print_json, short
 
 
 def _when(timestamp: float) -> str:
@@ -60,10 +60,8 @@ def commit(
     seed: Annotated[int | None, typer.Option(help="Seed for planning and training.")] = None,
     fmt_: Annotated[str, typer.Option("--format", help=f"Input format: {', '.join(FORMATS)}.")] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only validate and print the plan.")] = False,
-    workers: Annotated[int, typer.Option("--workers", help="Train the batches at once in N local processes.")] = 1,
-    ray: Annotated[str | None, typer.Option(
-        "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
-        help="Train the batches on a Ray cluster (at ADDRESS; alone: a local one). Needs lemoe-store[ray].")] = None,
+    workers: WorkersOption = 1,
+    ray: RayOption = None,
     store: StoreOption = None,
     json_: JsonOption = False,
 ) -> None:
