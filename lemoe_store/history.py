@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass, field
 
 from . import plumbing
-from .parallel import workers_for
 from .schemas.facts import Fact
 from .stores import StoreError, TreeEntry
 from .stores.refs import HEADS, TAGS, check_ref_name
@@ -186,6 +185,8 @@ class HistoryMixin:
                ray: str | None = None) -> tuple[list[str], list[ReplayRow]]:
         """Re-plan the history's facts under `plan` and retrain them on a new branch; HEAD stays put.
         `workers`/`ray` train the batches at once, as in `commit`."""
+        from .parallel import workers_for
+
         check_ref_name(branch)
         pool = workers_for(workers, ray)
         if branch in self.store.branches():

@@ -19,7 +19,6 @@ from . import audit, models, plumbing
 from .audit import AuditRecord
 from .editing.config import EditConfig
 from .history import HistoryMixin
-from .parallel import workers_for
 from .sharing import SharingMixin
 from .schemas.facts import Fact, as_facts, find_duplicates_and_conflicts
 from .stores import Commit, Store, StoreError
@@ -295,6 +294,8 @@ class Repo(HistoryMixin, SharingMixin):
         processes; `ray` does it on a Ray cluster ("" or "local": one started here; else its address).
         The commits are the same as in turn (weights equal within float tolerance).
         """
+        from .parallel import workers_for  # multiprocessing: only for a commit
+
         pool = workers_for(workers, ray)
         with self.store.lock(on_wait=on_wait):
             planned = self.plan_commit(facts, batch_size=batch_size, plan=plan, seed=seed)
