@@ -101,21 +101,12 @@ class AuditWriter:
     def __init__(self, store_root: Path) -> None:
         self.path = store_root / AUDIT_FILE
         self._queue: queue.Queue[AuditRecord | None] = queue.Queue()
-        self._idle = threading.Condition()
-        self._pending = 0
         _open(self.path).close()  # fail at start-up, not at the first answer, if it cannot be written
         self._thread = threading.Thread(target=self._run, name="lemoe-audit", daemon=True)
         self._thread.start()
 
     def append(self, record: AuditRecord) -> None:
-        with self._idle:
-            self._pending += 1
         self._queue.put(record)
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every appended record is written; False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self) -> None:
         """Write what is queued, then stop the thread."""
@@ -138,8 +129,5 @@ class AuditWriter:
                 if rows:
                     with db.conn:
                         db["answers"].insert_all(rows)
-                with self._idle:
-                    self._pending -= len(rows)
-                    self._idle.notify_all()
         finally:
             db.close()
