@@ -87,13 +87,13 @@ def train_batches(store: Store, model, tokenizer, config: EditConfig, batches: l
     once (see `lemoe_store.parallel`); if one cannot be trained, the commits before it stay."""
     from .editing import Editor, evaluate
 
-    experts = [read_artifact(store, e) for e in _tree(store, parent)]
+    tree = list(store.read_commit(parent).tree) if parent else []
+    experts = [read_artifact(store, e) for e in tree]
     editor = Editor(model, tokenizer, config, experts)
     if workers is None:
         artifacts = _trained_in_turn(editor, batches, progress)
     else:
         artifacts = _trained_apart(editor, experts, batches, workers, store.config["base_model"]["id"], device)
-    tree = _tree(store, parent)
     known = {f.prompt: f.target for f in parent_facts}
     created: list[str] = []
     for number, (batch, artifact) in enumerate(zip(batches, artifacts), start=1):
@@ -154,6 +154,3 @@ def _trained_apart(editor, experts: list[ExpertArtifact], batches: list[list[Fac
         editor.adaptor.add_expert(result)
         yield result
 
-
-def _tree(store: Store, cid: str | None) -> list[TreeEntry]:
-    return list(store.read_commit(cid).tree) if cid else []

@@ -134,7 +134,7 @@ class Engine:
                 pass
         names += [(f"{MODEL_PREFIX}{b}", cid) for b, cid in sorted(self.repo.branches().items())]
         names += [(f"{MODEL_PREFIX}{t}", cid) for t, cid in sorted(self.repo.tags().items())]
-        return [(name, cid, self.repo.log(cid, limit=1)[0][1].time) for name, cid in names]
+        return [(name, cid, self.repo.get_commit(cid).time) for name, cid in names]
 
     def encode_completion(self, prompt: str) -> list[int]:
         _, tokenizer = self.repo.base_model()
