@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from . import models
 from .editing import AdaptorConfig, ExpertArtifact, attach, find_adaptor
+from .editing.routing import IndexCache
 from .errors import ModelError, StoreError
 from .repo import Repo
 from .schemas.facts import canonical_jsonl
@@ -101,6 +102,8 @@ class _Version:
     config: AdaptorConfig
     base: dict  # id, fingerprint (and layers, hidden for stores)
     base_dir: Path  # where that base model's files are
+    cache: IndexCache | None = None  # a store's cache/, for its approximate anchor index
+    cid: str | None = None  # the commit, for a store's version
 
 
 def _version(source: str | Path | Repo, rev: str | None) -> _Version:
@@ -130,7 +133,7 @@ def _version(source: str | Path | Repo, rev: str | None) -> _Version:
 def _store_version(repo: Repo, rev: str | None) -> _Version:
     cid = repo.head()[1] if rev is None else repo.resolve(rev)  # an empty store: the base model alone
     base = repo.store.config["base_model"]
-    return _Version(repo.experts_at(cid), repo.config, base, models.resolve_model(base["id"]).path)
+    return _Version(repo.experts_at(cid), repo.config, base, models.resolve_model(base["id"]).path, repo.store, cid)
 
 
 def _check_base_dir(directory: Path, version: _Version) -> None:
@@ -169,7 +172,7 @@ def attach_version(model, source: str | Path | Repo, rev: str | None = None, *, 
 def _attach(model, version: _Version, verify: bool):
     if verify:
         _check_base(model, version)
-    attach(model, version.experts, version.config)
+    attach(model, version.experts, version.config, cache=version.cache, version=version.cid)
     return model
 
 

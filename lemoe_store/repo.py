@@ -182,14 +182,19 @@ class Repo(HistoryMixin, SharingMixin):
 
         return load_version(self, rev, device=self.device)
 
-    def _shared_model_at(self, rev: str | None):
-        """The repo's one loaded model, switched to `rev`'s experts (what ask, eval, blame and diff reuse)."""
+    def attach_experts(self, model, cid: str | None):
+        """Attach exactly commit `cid`'s experts to `model` (this store's base model); return the adaptor.
+        A large history's approximate anchor index is built once and kept in the store's cache/."""
         from .editing import attach
 
+        return attach(model, self.experts_at(cid), self.config, cache=self.store, version=cid)
+
+    def _shared_model_at(self, rev: str | None):
+        """The repo's one loaded model, switched to `rev`'s experts (what ask, eval, blame and diff reuse)."""
         cid = self._resolve_or_none(rev)
         model, tokenizer = self.base_model()
         if self._attached != cid:
-            attach(model, self.experts_at(cid), self.config)
+            self.attach_experts(model, cid)
             self._attached = cid
         return model, tokenizer
 

@@ -25,8 +25,9 @@ from torch import nn
 
 from ..errors import ModelError
 from .config import AdaptorConfig
-from .routing import NO_EXPERT, AnchorIndex, PaperRouter, Route, prompt_keys
+from .routing import NO_EXPERT, AnchorIndex, IndexCache, PaperRouter, Route, prompt_keys
 
+EXPERT_COMPUTE_DTYPE = torch.float32  # whatever the model's dtype: small experts train poorly in bf16
 ROUTER_PREFIX = "router."  # artifact weights of the paper's routing (its expert key, the query projection)
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _LAYER_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.layers")
@@ -299,13 +300,18 @@ def find_adaptor(model: nn.Module) -> LemoeAdaptor | None:
     return next((m for m in model.modules() if isinstance(m, LemoeAdaptor)), None)
 
 
-def attach(model: nn.Module, experts: list[ExpertArtifact], config: AdaptorConfig) -> LemoeAdaptor:
-    """Insert a LEMoE adaptor (replacing any earlier one) holding exactly `experts`, in order, frozen."""
+def attach(model: nn.Module, experts: list[ExpertArtifact], config: AdaptorConfig, *,
+           cache: IndexCache | None = None, version: str | None = None) -> LemoeAdaptor:
+    """Insert a LEMoE adaptor (replacing any earlier one) holding exactly `experts`, in order, frozen.
+
+    A history with many anchors is searched through an approximate index, taken from `cache` under the
+    name of `version` (its commit) when given and built there once (see `routing.APPROXIMATE_FROM`)."""
     count = len(decoder_layers(model))
     layer_index, key_layer = config.resolved_layer(count), config.resolved_key_layer(count)
     adaptor = insert(model, lambda mlp, hidden: LemoeAdaptor(mlp, hidden, config, layer_index, key_layer), layer_index)
     for artifact in experts:
         adaptor.add_expert(artifact)
+    adaptor.anchors.index_approximately(cache, version)
     return adaptor
 
 

@@ -14,12 +14,18 @@ another subject in the same template ("Sarah Bernhardt speaks the language" besi
 Theret speaks the language") lands next to the edited fact. An anchor whose subject occurs is matched at
 its own, lower threshold (`subject_threshold`): the subject is the stronger evidence, and rephrases that
 bury it in other words still reach their fact. Anchors without a subject are matched by similarity alone.
+
+Search is exact (a flat scan) while the anchors are few. Past `APPROXIMATE_FROM` anchors a flat scan costs
+more per query than the model's own forward, so searches go through an IVF index built over the same keys
+(`KeyIndex`); a version's IVF index is built once and cached by whoever attaches it (`IndexCache`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -85,6 +91,85 @@ class SubjectLookup:
         return sorted(found)
 
 
+# `benchmarks/anchor_index.py`, 576-d keys, 2 CPU cores: a flat scan costs ~0.18 ms per 1,000 anchors, so
+# 20,000 anchors take ~3.6 ms, ~4 % of the embedded model's forward of a short prompt (~95 ms); beyond that
+# the IVF index (under 1 ms to search, well under a second to build at this size) pays for itself.
+APPROXIMATE_FROM = 20_000
+IVF_LISTS_PER_SQRT = 4  # nlist = 4 sqrt(n), FAISS's rule of thumb
+IVF_PROBE_SHARE = 1 / 16  # lists visited per query: recall@1 >= 0.99 against flat at 1M synthetic anchors
+IVF_MIN_PROBES = 16  # and never fewer: small indexes have few, coarse lists
+IVF_TRAINING_POINTS_PER_LIST = 64
+IVF_SEED = 1234
+
+
+class IndexCache(Protocol):
+    """Where a version's approximate index is kept between loads (the store's cache/)."""
+
+    def get_cached(self, name: str) -> bytes | None: ...
+
+    def put_cached(self, name: str, data: bytes) -> None: ...
+
+
+def build_ivf(keys: np.ndarray) -> faiss.IndexIVFFlat:
+    """An inner-product IVF index over unit `keys` (n, d), trained on a seeded sample of them."""
+    n, dim = keys.shape
+    lists = max(1, min(int(IVF_LISTS_PER_SQRT * math.sqrt(n)), n // IVF_TRAINING_POINTS_PER_LIST))
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+    sample = min(n, lists * IVF_TRAINING_POINTS_PER_LIST)
+    rows = np.random.default_rng(IVF_SEED).choice(n, size=sample, replace=False) if sample < n else np.arange(n)
+    index.cp.seed = IVF_SEED
+    index.train(np.ascontiguousarray(keys[np.sort(rows)]))
+    index.add(keys)
+    _set_probes(index)
+    return index
+
+
+def _set_probes(index: faiss.IndexIVFFlat) -> None:
+    index.nprobe = min(index.nlist, max(IVF_MIN_PROBES, math.ceil(index.nlist * IVF_PROBE_SHARE)))
+
+
+class KeyIndex:
+    """Unit keys searched by inner product: a flat index holds them (exact search, reconstruction), and an
+    IVF index over the same rows answers searches once one is built."""
+
+    def __init__(self, dim: int) -> None:
+        self.flat = faiss.IndexFlatIP(dim)
+        self.ivf: faiss.IndexIVFFlat | None = None
+
+    @property
+    def ntotal(self) -> int:
+        return self.flat.ntotal
+
+    def add(self, keys: np.ndarray) -> None:
+        self.flat.add(keys)
+        if self.ivf is not None:
+            self.ivf.add(keys)  # rows keep their numbers: both indexes number them in insertion order
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return (self.ivf or self.flat).search(query, k)
+
+    def reconstruct_batch(self, rows: np.ndarray) -> np.ndarray:
+        return self.flat.reconstruct_batch(rows)
+
+    def build_ivf(self) -> None:
+        self.ivf = build_ivf(self.flat.reconstruct_n(0, self.ntotal))
+
+    def ivf_bytes(self) -> bytes:
+        return faiss.serialize_index(self.ivf).tobytes()
+
+    def load_ivf(self, data: bytes) -> bool:
+        """Use a serialised IVF index; False (and none used) if it is unreadable or holds other rows."""
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except RuntimeError:
+            return False
+        if not isinstance(index, faiss.IndexIVFFlat) or index.ntotal != self.ntotal or index.d != self.flat.d:
+            return False
+        _set_probes(index)
+        self.ivf = index
+        return True
+
+
 class AnchorIndex:
     """Anchor keys of all active experts in a FAISS inner-product index (keys are unit vectors).
 
@@ -97,8 +182,8 @@ class AnchorIndex:
         self.dim = dim
         self.threshold = threshold
         self.subject_threshold = subject_threshold
-        self.index = faiss.IndexFlatIP(dim)  # every anchor (blame searches it)
-        self.open_index = faiss.IndexFlatIP(dim)  # anchors without a subject: matched by similarity alone
+        self.index = KeyIndex(dim)  # every anchor (blame searches it)
+        self.open_index = KeyIndex(dim)  # anchors without a subject: matched by similarity alone
         self.open_rows = np.zeros(0, dtype=np.int64)  # open_index row -> anchor row
         self.experts = np.zeros(0, dtype=np.int64)  # anchor row -> expert index
         self.spans = np.zeros(0, dtype=np.int64)  # anchor row -> answer tokens its expert acts on
@@ -129,6 +214,22 @@ class AnchorIndex:
         for i, sequences in enumerate(subjects):
             if sequences:
                 self.subjects.add(first + i, sequences)
+
+    def index_approximately(self, cache: IndexCache | None = None, version: str | None = None, *,
+                            minimum: int | None = None) -> None:
+        """Search through IVF indexes from `minimum` anchors on (default `APPROXIMATE_FROM`; below it, exact
+        search stays). Each is read from `cache` under `version`'s name when there, else built and put there."""
+        minimum = max(APPROXIMATE_FROM if minimum is None else minimum, 1)
+        for part, keys in (("all", self.index), ("open", self.open_index)):
+            if keys.ntotal < minimum or keys.ivf is not None:
+                continue
+            name = f"anchors-{version}-{part}.ivf" if version else None
+            cached = cache.get_cached(name) if cache is not None and name else None
+            if cached is not None and keys.load_ivf(cached):
+                continue
+            keys.build_ivf()
+            if cache is not None and name:
+                cache.put_cached(name, keys.ivf_bytes())
 
     def search(self, keys: torch.Tensor, k: int = 8) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (similarities, anchor rows) for each key, subjects not checked; rows are -1 where fewer
@@ -170,7 +271,9 @@ class AnchorIndex:
             if subject_rows:
                 stored = self.index.reconstruct_batch(np.asarray(subject_rows, dtype=np.int64))
                 candidates += [(float(s), self.subject_threshold, a) for s, a in zip(stored @ key, subject_rows)]
-            routes.append(self._best(candidates, float(nearest_sims[row, 0]), int(nearest_rows[row, 0])))
+            nearest = int(nearest_rows[row, 0])  # -1: an IVF search found none in the lists it visited
+            nearest_sim = float(nearest_sims[row, 0]) if nearest >= 0 else float("-inf")
+            routes.append(self._best(candidates, nearest_sim, nearest))
         return routes
 
     def _best(self, candidates: list[tuple[float, float, int]], nearest_sim: float, nearest: int) -> Route:

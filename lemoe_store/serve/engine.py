@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..editing import LemoeAdaptor, attach, reattach
+from ..editing import LemoeAdaptor, reattach
 from ..editing.batching import encode_prompt, model_device
 from ..repo import Repo, RouteInfo
 from ..stores import BadRevisionError
@@ -197,7 +197,7 @@ class Engine:
         adaptor = self._adaptors.get(cid)
         if adaptor is None:
             log.info("loading the experts of %s", cid[:12])
-            adaptor = attach(model, self.repo.experts_at(cid), self.repo.config)
+            adaptor = self.repo.attach_experts(model, cid)
             self._adaptors[cid] = adaptor
             while len(self._adaptors) > self.versions_kept:
                 self._adaptors.popitem(last=False)

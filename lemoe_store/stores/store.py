@@ -287,6 +287,21 @@ class Store:
         idx.set_refs(db, self.all_refs())
         return len(missing)
 
+    # -- cache/: derived data, safe to lose ----------------------------------------------------------------
+    def get_cached(self, name: str) -> bytes | None:
+        try:
+            return (self.root / "cache" / name).read_bytes()
+        except OSError:
+            return None
+
+    def put_cached(self, name: str, data: bytes) -> None:
+        """Write cache/`name` atomically; a store that cannot be written (read-only) just keeps no copy."""
+        try:
+            (self.root / "cache").mkdir(exist_ok=True)
+            atomic_write(self.root / "cache" / name, data)
+        except OSError:
+            pass
+
     def reindex(self) -> int:
         """Rebuild index.db (recreated if damaged) and empty cache/; return the number of commits indexed."""
         idx.clear(self.db_raw())
