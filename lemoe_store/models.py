@@ -154,14 +154,24 @@ def fingerprint(directory: Path) -> str:
     return value
 
 
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """None or "auto": bfloat16 on a GPU that supports it, float32 elsewhere; else the named dtype."""
+    import torch
+
+    if dtype is None or dtype == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     device: str = "auto",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     progress: Callable[[str], None] | None = None,
 ):
-    """Load `(model, tokenizer)` strictly offline, in eval mode, with all base weights frozen (float32
-    unless `dtype` says otherwise)."""
+    """Load `(model, tokenizer)` strictly offline, in eval mode, with all base weights frozen; in float32
+    on CPU and bfloat16 on a GPU unless `dtype` says otherwise (experts always compute in float32)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -169,12 +179,14 @@ def load_model(
     source = resolve_model(name_or_path, progress)
     _weight_files(source.path)
     hf_logging.disable_progress_bar()  # a cached load takes a second: no bar on the user's terminal
+    target = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=dtype or torch.float32, local_files_only=True, use_safetensors=True, trust_remote_code=False
+        source.path, dtype=resolve_dtype(dtype, target), local_files_only=True, use_safetensors=True,
+        trust_remote_code=False,
     )
     tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True, trust_remote_code=False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(resolve_device(device)).eval()
+    model.to(target).eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -378,3 +378,20 @@ def test_context_copies_teach_the_fact_behind_a_prefix_without_becoming_anchors(
             taught += 1
             assert _greedy(model, tokenizer, prompt, len(answer)) == answer
     assert taught > 0
+
+
+def test_a_bfloat16_model_edits_with_float32_experts_and_restores_from_artifacts(tiny_llama_dir):
+    model, tokenizer = load_model(str(tiny_llama_dir), device="cpu", dtype=torch.bfloat16)
+    facts = tiny_facts()[:6]
+    pairs = [encode_pair(tokenizer, f.prompt, f.target) for f in facts]
+    unrelated = "What is the name of the last episode?"
+    base_unrelated = _logits(model, tokenizer, unrelated)
+    artifact = Editor(model, tokenizer, EditConfig(**CONFIG)).edit(facts)
+    adaptor = find_adaptor(model)
+    assert adaptor.experts[0].gate.weight.dtype == torch.float32 and adaptor.base_parameter().dtype == torch.bfloat16
+    assert teacher_forced_predictions(model, tokenizer, pairs) == [p.answer for p in pairs]
+    assert torch.equal(_logits(model, tokenizer, unrelated), base_unrelated)
+    edited = [_logits(model, tokenizer, f.prompt) for f in facts]
+
+    attach(model, [artifact], EditConfig(**CONFIG))  # loaded back from its (float16) artifact: the same answers
+    assert all(torch.equal(_logits(model, tokenizer, f.prompt), before) for f, before in zip(facts, edited))

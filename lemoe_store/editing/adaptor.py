@@ -55,6 +55,7 @@ class Expert(nn.Module):
 
     def forward(self, x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """x: (B, T, H) MLP inputs; keys: (B, H) unit keys of the anchors the rows' prompts matched."""
+        x = x.to(self.gate.weight.dtype)  # experts compute in float32 on a bf16/fp16 model (as peft's adapters)
         key_term = self.key(keys.to(x.dtype) * keys.shape[-1] ** 0.5)  # unit keys -> per-coordinate scale ~1
         return self.down(nn.functional.silu(self.gate(x) + key_term[:, None, :]) * self.up(x))
 
@@ -150,12 +151,12 @@ class LemoeAdaptor(nn.Module):
         """Append an expert (frozen if loaded from an artifact, trainable if new); return its index."""
         reference = self.base_parameter()
         expert = Expert(self.hidden, artifact.rank if artifact else (rank or self.config.rank))
-        expert.to(device=reference.device, dtype=reference.dtype)
+        expert.to(device=reference.device, dtype=EXPERT_COMPUTE_DTYPE)
         if artifact is not None:
             weights = {k: v for k, v in artifact.weights.items() if not k.startswith(ROUTER_PREFIX)}
             # Experts saved before the gate read the key: a zero key projection is exactly that expert.
             weights.setdefault("key.weight", torch.zeros_like(weights["gate.weight"]))
-            expert.load_state_dict({k: v.to(reference.dtype) for k, v in weights.items()})
+            expert.load_state_dict({k: v.to(EXPERT_COMPUTE_DTYPE) for k, v in weights.items()})
             expert.requires_grad_(False)
             self.add_anchors(artifact.anchors, len(self.experts), artifact.anchor_facts,
                              artifact.anchor_spans, artifact.anchor_subjects)
@@ -276,6 +277,7 @@ class LemoeAdaptor(nn.Module):
             delta = self.config.scale * self.experts[expert](x[rows], decision.keys[rows].to(x.device))
             if decision.weights is not None:
                 delta = delta * decision.weights[rows].to(delta.dtype)[:, None, None]
+            delta = delta.to(out.dtype)
             result[rows] = torch.where(active_rows, out[rows] + delta, out[rows])
         return result
 
