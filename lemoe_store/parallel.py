@@ -13,7 +13,7 @@ before it, which stay committed.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -44,6 +44,10 @@ class TrainingTask:
     facts: list[dict]  # the batch, as records
     threads: int  # torch threads for this task
 
+    @property
+    def label(self) -> str:
+        return f"batch {self.index + 1}"
+
 
 def train_task(task: TrainingTask) -> ExpertArtifact:
     """Train one batch's expert in this process (the function local workers and Ray tasks run)."""
@@ -55,7 +59,7 @@ def train_task(task: TrainingTask) -> ExpertArtifact:
     if os.environ.get("LEMOE_TEST_KILL_BATCH") == str(task.index):  # tests: a worker dying mid-task
         os._exit(1)
     torch.set_num_threads(task.threads)
-    model, tokenizer = _model(task.model, task.device)
+    model, tokenizer = worker_model(task.model, task.device)
     editor = Editor(model, tokenizer, EditConfig.from_dict(task.config), task.earlier)
     return editor.edit([Fact.from_record(r) for r in task.facts])
 
@@ -63,7 +67,8 @@ def train_task(task: TrainingTask) -> ExpertArtifact:
 _LOADED: dict[tuple[str, str], tuple] = {}  # per worker process: the base model, loaded once
 
 
-def _model(model: str, device: str):
+def worker_model(model: str, device: str):
+    """The base model in this worker process, loaded on first use."""
     from . import models
 
     if (model, device) not in _LOADED:
@@ -97,13 +102,14 @@ class LocalWorkers:
         self.workers = workers
         self.threads = max(1, (os.cpu_count() or 1) // workers)
 
-    def run(self, tasks: list[TrainingTask]) -> Iterator[tuple[int, ExpertArtifact | BaseException]]:
-        """(task index, artifact or error), in completion order. All tasks share one pool; if a worker dies,
+    def run(self, tasks: list, function: Callable = train_task) -> Iterator[tuple[int, object]]:
+        """(task index, `function(task)` or its error), in completion order; tasks carry `index` and `label`
+        (training tasks by default; the benchmark's cells too). All tasks share one pool; if a worker dies,
         the pool is gone, so every unfinished task is run once more, each in a process of its own (so a
         task that kills its worker again takes no other task with it)."""
-        unfinished: list[TrainingTask] = []
+        unfinished: list = []
         with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(train_task, task): task for task in tasks}
+            futures = {pool.submit(function, task): task for task in tasks}
             for future in as_completed(futures):
                 error = future.exception()
                 if isinstance(error, BrokenProcessPool):
@@ -112,18 +118,18 @@ class LocalWorkers:
                     yield futures[future].index, error or future.result()
         if unfinished:
             with ThreadPoolExecutor(self.workers) as runners:
-                retried = {runners.submit(_alone, task): task for task in unfinished}
+                retried = {runners.submit(_alone, function, task): task for task in unfinished}
                 for future in as_completed(retried):
                     yield retried[future].index, future.result()
 
 
-def _alone(task: TrainingTask) -> ExpertArtifact | BaseException:
+def _alone(function: Callable, task) -> object:
     """Run one task in a process of its own; its error (a dead worker: WorkerError) instead of raising."""
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
-        future = pool.submit(train_task, task)
+        future = pool.submit(function, task)
         error = future.exception()
         if isinstance(error, BrokenProcessPool):
-            return WorkerError(f"the worker training batch {task.index + 1} died twice")
+            return WorkerError(f"the worker running {task.label} died twice")
         return error or future.result()
 
 
@@ -136,19 +142,30 @@ class RayWorkers:
         except ImportError:
             raise ConfigError("--ray needs Ray: pip install 'lemoe-store[ray]'") from None
         self.ray = ray
-        if not ray.is_initialized():
-            options = {"address": address} if address else {"num_cpus": workers or os.cpu_count()}
-            ray.init(**options, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        self.options = {"address": address} if address else {"num_cpus": workers or os.cpu_count()}
         self.threads = 1
 
-    def run(self, tasks: list[TrainingTask]) -> Iterator[tuple[int, ExpertArtifact | BaseException]]:
-        remote = self.ray.remote(num_cpus=1, max_retries=ATTEMPTS - 1)(train_task)  # retried if a worker dies
-        refs = {remote.remote(task): task.index for task in tasks}
-        while refs:
-            done, _ = self.ray.wait(list(refs), num_returns=1)
-            for ref in done:
-                index = refs.pop(ref)
-                try:
-                    yield index, self.ray.get(ref)
-                except self.ray.exceptions.RayError as error:
-                    yield index, WorkerError(f"batch {index + 1} failed on Ray: {str(error).splitlines()[0]}")
+    def run(self, tasks: list, function: Callable = train_task) -> Iterator[tuple[int, object]]:
+        """As `LocalWorkers.run`, each task a Ray task. Connects first (unless this process already is);
+        a connection made here is closed at the end, so a local cluster started for it stops with it."""
+        connected_here = not self.ray.is_initialized()
+        if connected_here:
+            try:
+                self.ray.init(**self.options, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                where = self.options.get("address", "a local cluster")
+                raise ConfigError(f"cannot start Ray ({where}): {str(error).splitlines()[0]}") from None
+        try:
+            remote = self.ray.remote(num_cpus=1, max_retries=ATTEMPTS - 1)(function)  # retried if a worker dies
+            refs = {remote.remote(task): task for task in tasks}
+            while refs:
+                done, _ = self.ray.wait(list(refs), num_returns=1)
+                for ref in done:
+                    task = refs.pop(ref)
+                    try:
+                        yield task.index, self.ray.get(ref)
+                    except self.ray.exceptions.RayError as error:
+                        yield task.index, WorkerError(f"{task.label} failed on Ray: {str(error).splitlines()[0]}")
+        finally:
+            if connected_here:
+                self.ray.shutdown()

@@ -101,3 +101,24 @@ def test_cli_bench_writes_a_table_results_and_plot(tiny_llama_dir, facts_file, t
     results = json.loads((out / "results.json").read_text())["results"]
     assert [(r["method"], r["T"]) for r in results] == [("grace", 2), ("grace", 4), ("lemoe", 2), ("lemoe", 4)]
     assert (out / "results.png").stat().st_size > 1000
+
+
+def test_grid_cells_fanned_out_to_worker_processes_score_as_in_turn(tiny, tiny_llama_dir):
+    from dataclasses import asdict
+
+    from lemoe_store.parallel import LocalWorkers
+
+    model, tokenizer = tiny
+    facts = tiny_facts()
+    grid = ("lifelong", model, tokenizer, facts[:6], ["lemoe", "grace"], [3, 6], 3, SETTINGS,
+            irrelevant_pool(tokenizer, facts[8:]))
+    started: list[tuple[str, int]] = []
+    in_turn = run_grid(*grid, protocol="both")
+    fanned = run_grid(*grid, protocol="both", workers=LocalWorkers(2), model_name=str(tiny_llama_dir),
+                      on_start=lambda name, size: started.append((name, size)))
+    assert sorted(started) == [("grace", 3), ("grace", 6), ("lemoe", 3), ("lemoe", 6)]
+
+    def scores(result) -> dict:
+        return {k: v for k, v in asdict(result).items() if k not in ("seconds", "s_per_edit")}
+
+    assert [scores(r) for r in fanned] == [scores(r) for r in in_turn]  # grid order, the same scores

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +29,11 @@ from .grace import Grace
 from .lemoe import Lemoe, LemoeNoPlan, LemoePaperRouting
 from .moe import LearnedRouterFrozenExperts, LearnedRouterMoE
 from .wise import Wise
+
+if TYPE_CHECKING:
+    from ..parallel import LocalWorkers, RayWorkers
+
+    Workers = LocalWorkers | RayWorkers
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
@@ -117,12 +123,48 @@ def run_one(mode: str, name: str, model, tokenizer, facts: list[Fact], batch_siz
                   wild_mean=None if scores.wild_mean is None else round(scores.wild_mean, 4), **wild)
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the grid, a method at one T, with everything a worker process needs to run it."""
+
+    index: int  # its place in the grid
+    mode: str
+    method: str
+    facts: list[dict]  # the first T facts, as records
+    batch_size: int
+    settings: BenchSettings
+    irrelevant: list[Pair]
+    base_locality: list[list[int]]
+    base: BaseGenerations | None
+    model: str = ""  # for a worker: the model's id or directory, and where it runs
+    device: str = "cpu"
+    threads: int = 1
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} at T = {len(self.facts)}"
+
+
+def run_cell(cell: Cell, model=None, tokenizer=None) -> Result:
+    """Run one cell on `model` (the caller's), or, in a worker process, on the worker's own copy."""
+    if model is None:
+        from ..parallel import worker_model
+
+        torch.set_num_threads(cell.threads)
+        model, tokenizer = worker_model(cell.model, cell.device)
+    facts = [Fact.from_record(record) for record in cell.facts]
+    return run_one(cell.mode, cell.method, model, tokenizer, facts, cell.batch_size, cell.settings, cell.irrelevant,
+                   cell.base_locality, cell.base)
+
+
 def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str], sizes: list[int], batch_size: int,
              settings: BenchSettings, irrelevant: list[Pair],
              on_start: Callable[[str, int], None] | None = None,
-             on_result: Callable[[Result], None] | None = None, protocol: str = "tf") -> list[Result]:
+             on_result: Callable[[Result], None] | None = None, protocol: str = "tf",
+             workers: Workers | None = None, model_name: str = "", device: str = "cpu") -> list[Result]:
     """Every method at every T; the base model's locality predictions (and, for the WILD protocol, its
-    generations) are taken once, before any edit."""
+    generations) are taken once, before any edit. With `workers` (`parallel.workers_for`), the cells run
+    at once in worker processes that load `model_name` themselves; the results come back in grid order."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     for name in methods:
@@ -131,22 +173,35 @@ def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str],
         raise ValueError(f"T = {max(sizes)} but the data holds {len(facts)} facts")
     base_all = locality_predictions(model, tokenizer, facts[: max(sizes)])
     generated = base_generations(model, tokenizer, facts[: max(sizes)]) if protocol != "tf" else None
-    results = []
+    cells = []
     for name in methods:
         for size in sizes:
-            if on_start:
-                on_start(name, size)
             subset = facts[:size]
             localities = sum(len(f.locality) for f in subset)
-            base = base_all[:localities]
             generations = generated and BaseGenerations(generated.locality[:localities],
                                                         generated.continuations[:size])
-            result = run_one(mode, name, model, tokenizer, subset, batch_size, settings, irrelevant, base,
-                             generations)
-            results.append(result)
-            if on_result:
-                on_result(result)
-    return results
+            cells.append(Cell(len(cells), mode, name, [f.to_record() for f in subset], batch_size, settings,
+                              irrelevant, base_all[:localities], generations, model_name, device,
+                              getattr(workers, "threads", 1)))
+    for cell in cells:
+        if on_start and workers is not None:  # all start at once; in turn, each as it starts
+            on_start(cell.method, len(cell.facts))
+    outcomes = workers.run(cells, run_cell) if workers is not None else _in_turn(cells, model, tokenizer, on_start)
+    results: dict[int, Result] = {}
+    for index, outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results[index] = outcome
+        if on_result:
+            on_result(outcome)
+    return [results[i] for i in range(len(cells))]
+
+
+def _in_turn(cells: list[Cell], model, tokenizer, on_start) -> Iterator[tuple[int, Result]]:
+    for cell in cells:
+        if on_start:
+            on_start(cell.method, len(cell.facts))
+        yield cell.index, run_cell(cell, model, tokenizer)
 
 
 def save(results: list[Result], out_dir: Path, meta: dict) -> tuple[Path, Path]:

@@ -32,6 +32,10 @@ DEFAULT_DATA = Path("../shared/data/zsre_mend_eval.json")
 DEFAULT_POOL = Path("../shared/data/zsre_mend_train-1k.json")
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the results as JSON.")]
 Protocol = Annotated[str, typer.Option("--protocol", help="tf (teacher-forced), wild (free generation) or both.")]
+Workers = Annotated[int, typer.Option("--workers", help="Run the grid's cells at once in N local processes.")]
+Ray = Annotated[str | None, typer.Option(
+    "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+    help="Run the grid's cells on a Ray cluster (at ADDRESS; alone: a local one). Needs lemoe-store[ray].")]
 
 
 def _sizes(text: str) -> list[int]:
@@ -45,20 +49,22 @@ def _sizes(text: str) -> list[int]:
 
 
 def _run(mode: str, methods: str, sizes: str, data: Path, irrelevant: Path, batch_size: int, model: str, layer: int,
-         out: Path, json_: bool, protocol: str) -> None:
+         out: Path, json_: bool, protocol: str, workers: int, ray: str | None) -> None:
     from ..bench import BenchSettings, code_version, irrelevant_pool, run_grid, save
+    from ..parallel import workers_for
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"--protocol takes one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     facts = load_facts(data, skipped=[])
-    pool = load_facts(irrelevant, skipped=[])
+    irrelevant_facts = load_facts(irrelevant, skipped=[])
+    cell_workers = workers_for(workers, ray)
     base, tokenizer = models.load_model(model, device="auto")
     settings = BenchSettings(layer=layer)
     names = [m.strip() for m in methods.split(",") if m.strip()]
     began = time.perf_counter()
 
     meta = {"mode": mode, "data": str(data), "model": model, "layer": layer, "batch_size": batch_size,
-            "protocol": protocol, "commit": code_version()}
+            "protocol": protocol, "commit": code_version(), "workers": "ray" if ray is not None else workers}
     done: list[Result] = []
 
     def started(name: str, size: int) -> None:
@@ -69,7 +75,8 @@ def _run(mode: str, methods: str, sizes: str, data: Path, irrelevant: Path, batc
         save(done, out, {**meta, "seconds_total": round(time.perf_counter() - began, 1)})
 
     results = run_grid(mode, base, tokenizer, facts, names, _sizes(sizes), batch_size, settings,
-                       irrelevant_pool(tokenizer, pool), on_start=started, on_result=finished, protocol=protocol)
+                       irrelevant_pool(tokenizer, irrelevant_facts), on_start=started, on_result=finished, protocol=protocol,
+                       workers=cell_workers, model_name=model, device=str(models.resolve_device("auto")))
     meta["seconds_total"] = round(time.perf_counter() - began, 1)
     json_path, png_path = save(results, out, meta)
     if json_:
@@ -102,9 +109,10 @@ def lifelong(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Facts per edit batch.")] = 10,
     data: Data = DEFAULT_DATA, irrelevant: Irrelevant = DEFAULT_POOL, model: Model = models.DEFAULT_MODEL,
     layer: Layer = 18, out: Out = Path("bench-results/lifelong"), json_: JsonFlag = False, protocol: Protocol = "tf",
+    workers: Workers = 1, ray: Ray = None,
 ) -> None:
     """Edit the first T facts batch after batch, then score all T (Rel/Gen/Loc, s and bytes per edit)."""
-    _run("lifelong", methods, sizes, data, irrelevant, batch_size, model, layer, out, json_, protocol)
+    _run("lifelong", methods, sizes, data, irrelevant, batch_size, model, layer, out, json_, protocol, workers, ray)
 
 
 @bench_app.command()
@@ -113,9 +121,10 @@ def batch(
     sizes: Annotated[str, typer.Option("--T", help="Comma-separated batch sizes (one batch each).")] = "10,100",
     data: Data = DEFAULT_DATA, irrelevant: Irrelevant = DEFAULT_POOL, model: Model = models.DEFAULT_MODEL,
     layer: Layer = 18, out: Out = Path("bench-results/batch"), json_: JsonFlag = False, protocol: Protocol = "tf",
+    workers: Workers = 1, ray: Ray = None,
 ) -> None:
     """Edit the first T facts as one single batch, then score them."""
-    _run("batch", methods, sizes, data, irrelevant, 0, model, layer, out, json_, protocol)
+    _run("batch", methods, sizes, data, irrelevant, 0, model, layer, out, json_, protocol, workers, ray)
 
 
 def register(app: typer.Typer) -> None:
