@@ -8,13 +8,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_facts
+from conftest import CORPUS, tiny_facts
 from lemoe_store.bench import METHODS, BenchSettings, run_grid, save
 from lemoe_store.bench.runner import irrelevant_pool, make_method
 from lemoe_store.bench.wise import ties_merge
 from lemoe_store.cli import app
 from lemoe_store.editing import evaluate
-from lemoe_store.editing.batching import encode_prompt
+from lemoe_store.editing.batching import encode_pair, encode_prompt
 from lemoe_store.models import load_model
 
 SETTINGS = BenchSettings(layer=2, max_steps=80)
@@ -67,6 +67,32 @@ def test_grace_and_lemoe_leave_unrelated_prompts_bit_identical(tiny):
         method.edit(tiny_facts()[:4])
         assert torch.equal(_logits(method.model_for_eval(), tokenizer, probe), before), name
         method.close()
+
+
+def test_memoir_reads_its_memory_only_for_prompts_whose_mask_overlaps_an_edit(tiny):
+    model, tokenizer = tiny
+    facts = tiny_facts()
+    probe = "the quick brown fox jumps over the lazy dog 0 1 2 3"
+    before = _logits(model, tokenizer, probe)
+    background = [encode_pair(tokenizer, text[:40], "x") for text in CORPUS]
+    method = make_method("memoir", model, tokenizer, SETTINGS, background)
+    method.edit(facts[:4])
+    memory = method.memory
+    assert memory.residual.abs().sum() > 0 and len(memory.edit_masks) == 4
+    assert int(memory.edit_masks[0].sum()) == memory.k  # each edit writes through exactly k columns
+    # A random 128-wide model's masks overlap far more than a trained model's (unrelated prompts ~0.45 here),
+    # so the threshold is set between what this model gives unrelated prompts and rephrases.
+    memory.threshold = 0.6
+
+    after = _logits(method.model_for_eval(), tokenizer, probe)
+    assert float(memory.last_overlaps[0]) < memory.threshold
+    assert torch.equal(after, before)
+    rephrase = facts[0].rephrases[0]
+    with memory.bypassed():
+        base_rephrase = _logits(model, tokenizer, rephrase)
+    edited_rephrase = _logits(model, tokenizer, rephrase)
+    assert float(memory.last_overlaps[0]) >= memory.threshold and not torch.equal(edited_rephrase, base_rephrase)
+    method.close()
 
 
 def test_ties_merge_elects_signs_and_averages_agreeing_entries():

@@ -1,4 +1,4 @@
-"""The side-by-side benchmark: LEMoE against FT-L, GRACE, WISE and a conventional MoE adaptor (+ ablations).
+"""The side-by-side benchmark: LEMoE against FT-L, GRACE, WISE, MEMOIR and a conventional MoE adaptor (+ ablations).
 
 Each peer is a small module behind one interface (`Method.edit(batch)`, `Method.model_for_eval()`) and
 shares the engine's data loaders and metric code; `runner` runs them on the same model and facts. Names
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-DEFAULT_METHODS = ("lemoe", "ft-l", "grace", "wise", "moe")
+DEFAULT_METHODS = ("lemoe", "ft-l", "grace", "wise", "memoir", "moe")
 PROTOCOLS = ("tf", "wild", "both")  # teacher-forced, free generation (WILD), both
 
 _HOMES = {"BenchSettings": "base", "Method": "base", "METHODS": "runner", "Result": "runner", "run_grid": "runner",

@@ -27,6 +27,7 @@ from .base import BenchSettings, Method
 from .ftl import FineTuneLayer
 from .grace import Grace
 from .lemoe import Lemoe, LemoeNoPlan, LemoePaperRouting
+from .memoir import Memoir
 from .moe import LearnedRouterFrozenExperts, LearnedRouterMoE
 from .wise import Wise
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (Lemoe, FineTuneLayer, Grace, Wise, LearnedRouterMoE, LemoeNoPlan, LearnedRouterFrozenExperts,
+    for cls in (Lemoe, FineTuneLayer, Grace, Wise, Memoir, LearnedRouterMoE, LemoeNoPlan, LearnedRouterFrozenExperts,
                 LemoePaperRouting)
 }
 
@@ -94,8 +95,8 @@ def method_class(name: str) -> type[Method]:
 
 def make_method(name: str, model, tokenizer, settings: BenchSettings, irrelevant: list[Pair]) -> Method:
     cls = method_class(name)
-    if cls is Wise:
-        return Wise(model, tokenizer, settings, irrelevant)
+    if cls in (Wise, Memoir):  # both estimate their routing from prompts that are never edited
+        return cls(model, tokenizer, settings, irrelevant)
     return cls(model, tokenizer, settings)
 
 

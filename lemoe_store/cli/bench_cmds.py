@@ -1,4 +1,4 @@
-"""`lemoe bench lifelong|batch`: LEMoE against FT-L, GRACE, WISE and a conventional MoE, side by side."""
+"""`lemoe bench lifelong|batch`: LEMoE against FT-L, GRACE, WISE, MEMOIR and a conventional MoE, side by side."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the benchmark (torch) loads only when it runs
 bench_app = typer.Typer(help="Benchmark LEMoE against prior editors on the same model and data.",
                         no_args_is_help=True)
 
-Methods = Annotated[str, typer.Option("--methods", help="Comma-separated: lemoe, ft-l, grace, wise, moe, "
+Methods = Annotated[str, typer.Option("--methods", help="Comma-separated: lemoe, ft-l, grace, wise, memoir, moe, "
                                                         "lemoe-no-plan, lemoe-no-kv, lemoe-kv-paper.")]
 Data = Annotated[Path, typer.Option("--data", help="ZsRE / CounterFact / native facts file.")]
 Irrelevant = Annotated[Path, typer.Option(

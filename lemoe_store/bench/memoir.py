@@ -1,0 +1,151 @@
+"""MEMOIR (Wang et al., NeurIPS 2025): a residual memory beside one FFN's output projection, written through
+sparse, sample-dependent masks and read only for queries whose mask overlaps an edit's.
+
+- Residual memory: W_m (hidden x D, zero at the start) beside the output projection W, so the layer gives
+  W a + W_m (M ⊙ a), where a is the projection's input (D = the FFN's inner width) and M a binary mask.
+- TopHash mask of a prompt: its activations a averaged over the prompt's tokens, minus the background
+  (the same average over irrelevant prompts: the reference's `mean_decentered`); the k largest entries;
+  then one fixed random permutation of the D coordinates moves those k positions, so an edit writes
+  columns spread over the memory rather than the few strongest features. k = 0.2857 D (the reference's
+  4096 of LLaMA-3-8B's 14336).
+- Editing: one fact at a time, as in the paper (a batch is edited fact by fact): the fact's mask on every
+  position of prompt + target, the target's NLL, SGD at lr 1.0 for at most 30 steps (the reference's
+  `edit_lr`, `n_iter`), with the early stop every method here shares. Only the masked columns of W_m get
+  gradient, so edits with disjoint masks cannot overwrite each other.
+- Inference: the query's mask (prompt tokens) against every stored edit mask; if the largest overlap
+  |M_q ∩ M_e| / k reaches τ = 0.4 (the reference's `irr_threshold` for ZsRE), the memory reads the whole
+  sequence through the query's own mask, else the layer is untouched: the base model's logits, exactly.
+Where we could not check the reference (its `memoir` module is not in the index we read): that the memory
+reads with the query's mask (the paper's W_m (M(a(x)) ⊙ a(x))) rather than the matched edit's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..editing import EditConfig, LemoeAdaptor
+from ..editing.adaptor import insert
+from ..editing.batching import Pair, encode_prompt, left_pad, model_device, positions
+from ..schemas.facts import Fact
+from .base import BenchSettings, Method, TrainingBatch, train_answers
+from .ftl import down_projection
+
+TOP_K_SHARE = 4096 / 14336
+OVERLAP_THRESHOLD = 0.4
+EDIT_LR = 1.0
+EDIT_STEPS = 30
+BACKGROUND_PROMPTS = 100
+
+
+class ResidualMemory(LemoeAdaptor):
+    """The MLP wrapped with MEMOIR's memory; routing is by mask overlap, decided at prefill."""
+
+    def __init__(self, base: nn.Module, hidden: int, config: EditConfig, layer: int, seed: int) -> None:
+        super().__init__(base, hidden, config, layer)
+        projection = down_projection(base)
+        inner = projection.weight.shape[1]
+        device = projection.weight.device
+        self.residual = nn.Parameter(torch.zeros_like(projection.weight), requires_grad=False)  # W_m
+        self.k = max(1, round(TOP_K_SHARE * inner))
+        self.threshold = OVERLAP_THRESHOLD
+        self.permutation = torch.randperm(inner, generator=torch.Generator().manual_seed(seed)).to(device)
+        self.background = torch.zeros(inner, device=device)
+        self.edit_masks = torch.zeros(0, inner, dtype=torch.bool, device=device)
+        self.training_mask: torch.Tensor | None = None  # (inner,) while an edit is written
+        self.last_masks: torch.Tensor | None = None
+        self.last_overlaps: torch.Tensor | None = None
+        self._reading: tuple[torch.Tensor, torch.Tensor] | None = None  # (masks, rows that read the memory)
+        self._activation: torch.Tensor | None = None
+        self.activation_hook = projection.register_forward_hook(self._record_activation)
+
+    def _record_activation(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._activation = args[0]
+
+    def masks(self, activation: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """TopHash masks (B, D) of the rows' prompts."""
+        weights = prompt_mask.to(torch.float32).unsqueeze(-1)
+        mean = (activation.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        top = (mean - self.background).topk(self.k, dim=-1).indices
+        masks = torch.zeros_like(mean, dtype=torch.bool)
+        return masks.scatter_(1, self.permutation[top], True)
+
+    def overlaps(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B,) the largest share of each mask's k positions that one stored edit mask also has."""
+        if not len(self.edit_masks):
+            return torch.zeros(masks.shape[0], device=masks.device)
+        return (masks.float() @ self.edit_masks.float().T).max(dim=1).values / self.k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self._bypass:
+            return out
+        if self.training_mask is not None:
+            self._prefill = None
+            rows = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            self._reading = (self.training_mask.expand(x.shape[0], -1), rows)
+        elif self._prefill is not None:
+            prompt_mask, _ = self.prompt_layout()
+            self._prefill = None
+            self.last_masks = self.masks(self._activation, prompt_mask)
+            self.last_overlaps = self.overlaps(self.last_masks)
+            self._reading = (self.last_masks, self.last_overlaps >= self.threshold)
+        if self._reading is None or not bool(self._reading[1].any()):
+            return out
+        masks, rows = self._reading
+        residual = (self._activation * masks[:, None, :].to(self._activation.dtype)) @ self.residual.T.to(out.dtype)
+        return torch.where(rows[:, None, None], out + residual, out)
+
+
+class Memoir(Method):
+    name = "memoir"
+
+    def __init__(self, model, tokenizer, settings: BenchSettings, irrelevant: list[Pair] | None = None) -> None:
+        super().__init__(model, tokenizer, settings)
+        config = EditConfig(layer=settings.layer)
+        self.memory = insert(model, lambda mlp, hidden: ResidualMemory(mlp, hidden, config, settings.layer,
+                                                                        settings.seed), settings.layer)
+        self.steps = BenchSettings(settings.layer, min(EDIT_STEPS, settings.max_steps), settings.loss_floor,
+                                   settings.seed)
+        self.memory.background = self._mean_activation([pair.prompt for pair in (irrelevant or [])[:BACKGROUND_PROMPTS]])
+        self.bytes_added = self.memory.residual.numel() * 4  # the memory: one dense matrix, as WISE's side memory
+
+    @torch.no_grad()
+    def _prompt_masks(self, rows: list[list[int]]) -> torch.Tensor:
+        """TopHash masks of prompts (token ids), as a query's prefill computes them."""
+        ids, mask = left_pad(rows, self.tokenizer.pad_token_id, model_device(self.model))
+        self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+        return self.memory.last_masks
+
+    @torch.no_grad()
+    def _mean_activation(self, rows: list[list[int]]) -> torch.Tensor:
+        """The background: the output projection's input averaged over the tokens of irrelevant prompts."""
+        if not rows:
+            return self.memory.background
+        ids, mask = left_pad(rows, self.tokenizer.pad_token_id, model_device(self.model))
+        with self.memory.bypassed():
+            self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+        tokens = mask.bool()
+        return self.memory._activation[tokens].float().mean(dim=0)
+
+    def close(self) -> None:
+        self.memory.activation_hook.remove()  # it sits on the base model's own module, which outlives us
+        super().close()
+
+    def edit(self, batch: list[Fact]) -> None:
+        memory = self.memory
+        masks = self._prompt_masks([encode_prompt(self.tokenizer, f.prompt) for f in batch])
+        device = model_device(self.model)
+        memory.residual.requires_grad_(True)
+        try:
+            for fact, mask in zip(batch, masks):
+                data = TrainingBatch.of_facts(self.tokenizer, [fact], device)
+                memory.training_mask = mask
+                try:
+                    train_answers(self.model, data, [memory.residual], self.steps, lr=EDIT_LR, optimizer="sgd")
+                finally:
+                    memory.training_mask = None
+                memory.edit_masks = torch.cat([memory.edit_masks, mask[None]])
+        finally:
+            memory.residual.requires_grad_(False)
+        self.bytes_added += len(batch) * memory.k * 4  # each edit's mask, as k indices
