@@ -75,6 +75,17 @@ def test_zsre_and_counterfact_are_detected():
     assert counterfact[0].id.startswith("cf")
 
 
+def test_a_long_form_record_without_its_passage_is_refused_in_one_line(tmp_path):
+    passage = {"prompt": "Ada Lovelace was an English mathematician. She", "target_new": "wrote the first program.",
+               "subject": "Ada Lovelace", "locality_prompt": "nq question: who wrote hamlet", "locality_ground_truth": "Shakespeare"}
+    path = tmp_path / "hallucination.json"
+    path.write_text(json.dumps([passage, {k: v for k, v in passage.items() if k != "prompt"}]))
+    with pytest.raises(FactsError) as error:
+        load_facts(path)
+    assert str(error.value) == f"{path}:record:2: missing field 'prompt' (the fact's prompt)"
+    assert load_facts(tmp_path / "hallucination.json", skipped=[])[0].target == "wrote the first program."
+
+
 def test_facts_take_plain_lists_and_dicts():
     fact = Fact(prompt="Lena Halden plays", target="cricket", rephrases=["Lena's sport is"],
                 locality=[{"prompt": "0 1 2", "answer": "3"}, ["4 5", "6"]])

@@ -108,6 +108,7 @@ def _counterfact(record: dict) -> dict:
     return native
 
 
+_SOURCE_FIELDS = {"zsre": {"prompt": "src", "target": "alt"}, "counterfact": {"prompt": "prompt", "target": "target_new"}}
 _CONVERTERS = {"native": lambda r: r, "zsre": _zsre, "counterfact": _counterfact}
 
 
@@ -132,6 +133,9 @@ def _native(record: object, source: str, line: int, fmt: str = "auto") -> Fact:
     if not isinstance(record, dict):
         raise FactsError(f"{where}: (record): expected a JSON object, got {type(record).__name__}")
     fmt = detect_format(record) if fmt == "auto" else fmt
+    for field, source_field in _SOURCE_FIELDS.get(fmt, {}).items():
+        if record.get(source_field) is None:  # e.g. a long-form record without its passage
+            raise FactsError(f"{where}: missing field {source_field!r} (the fact's {field})")
     native = _CONVERTERS[fmt](record)
     problem = first_error("fact", native)
     if problem:
