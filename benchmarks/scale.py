@@ -4,8 +4,10 @@
 
 Facts: every record of the real sets (ZsRE eval and train, CounterFact, hallucination: about 3,300), then
 templated synthetic facts (ids `synthetic-N`, invented subjects, labelled as such) up to `--facts`. Commits
-carry only prompt, target and subject, batch 10 (default settings), one `commit` call per 500 facts, so the
-history has about 1,000 commits and 1,000 experts. The build resumes where an earlier run stopped.
+carry only prompt, target and subject, batch 10 (default settings, except `--max-steps` if given: the
+store-scale figures below depend on the number of experts and anchors, not on how long each trained), one
+`commit` call per 500 facts, so the history has about 1,000 commits and 1,000 experts. The build resumes
+where an earlier run stopped.
 
 Then it measures:
 - commit seconds per fact on `--speed-facts` further synthetic facts in fresh stores: in turn, 2 local
@@ -191,13 +193,17 @@ def main() -> None:
     parser.add_argument("--store", type=Path, required=True, help="where the history is built (kept: resumable)")
     parser.add_argument("--facts", type=int, default=10_000)
     parser.add_argument("--speed-facts", type=int, default=100, help="0: skip the commit-speed runs")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="training steps per expert for the history's build (default: the store's default); "
+                             "the commit-speed runs always use the defaults")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
     store = args.store.resolve()
-    repo = Repo.open(store) if (store / ".lemoe").is_dir() else Repo.init(store)
+    settings = {"max_steps": args.max_steps} if args.max_steps else {}
+    repo = Repo.open(store) if (store / ".lemoe").is_dir() else Repo.init(store, **settings)
     facts = history_facts(args.facts)
-    result = {"commit": code_version(), "facts": len(facts),
+    result = {"commit": code_version(), "facts": len(facts), "build_max_steps": repo.config.max_steps,
               "synthetic": sum(f.id.startswith("synthetic-") for f in facts)}
     result["build"] = build(repo, facts)
     if args.speed_facts:
