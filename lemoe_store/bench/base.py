@@ -94,11 +94,13 @@ def train_answers(
     before_step: Callable[[], None] | None = None,
     after_step: Callable[[], None] | None = None,
     rows: int | None = None,
+    stop_when: Callable[[float], bool] | None = None,
 ) -> int:
     """Minimise the answers' NLL (+ `extra_loss`) over `parameters`, which act at decoder layer
     `settings.layer` or above, for at most `settings.max_steps`; stop once every answer token is the argmax
-    and the loss is under `settings.loss_floor`. Only the first `rows` rows carry answers to learn (others may be
-    in the batch for `extra_loss`). Returns the steps taken."""
+    and the loss is under `settings.loss_floor` (or, given `stop_when`, once it says so of the loss). Only the
+    first `rows` rows carry answers to learn (others may be in the batch for `extra_loss`). Returns the steps
+    taken."""
     adaptor = find_adaptor(model)
     make = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
     opt = make(parameters, lr=lr)
@@ -120,7 +122,10 @@ def train_answers(
         loss = nn.functional.cross_entropy(logits, labels[counted])
         if extra_loss is not None:
             loss = loss + extra_loss()
-        if bool((logits.argmax(-1) == labels[counted]).all()) and float(loss.detach()) < settings.loss_floor:
+        if stop_when is not None:
+            if stop_when(float(loss.detach())):
+                return step
+        elif bool((logits.argmax(-1) == labels[counted]).all()) and float(loss.detach()) < settings.loss_floor:
             return step
         opt.zero_grad()
         loss.backward()

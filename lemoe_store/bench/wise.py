@@ -1,16 +1,24 @@
-"""WISE (Wang et al., NeurIPS 2024): a side memory beside the main memory of one FFN.
+"""WISE (Wang et al., NeurIPS 2024) as EasyEdit's reference implements WISE-Merge (easyeditor/models/wise):
 
-- Side memory: a copy of the layer's FFN output weight W, kept as W + D (D starts at zero; W never moves).
-- Routing: the activation score ||a(x) D^T|| (a = the input of the output projection), averaged over the
-  prompt's tokens at prefill; above eps the side memory answers the whole sequence, else the main memory.
-  eps = act_ratio x the smallest score an edit had when it was made (the paper's rule).
-- Training (per batch): the answers' NLL plus the margin loss on scores, with irrelevant prompts drawn
-  from a separate pool: max(0, s_irr - alpha) + max(0, beta - s_edit) + max(0, gamma - (s_edit - s_irr)).
-- Knowledge sharding: each shard of `shard_size` edits trains D_k only on a random mask of the entries
-  (mask_ratio), then the shards are merged into D with TIES (trim by magnitude, elect sign, disjoint mean).
-Paper defaults: mask_ratio 0.2, act_ratio 0.88, margins (5, 20, 10), SGD, norm constraint 1.0; scaled
-to this setting: SGD lr 10 (the paper's 1.0 reaches Rel 0.39 on 20 train-split facts in the budget), the step budget every method gets (40, early stop; the paper: 70), margins in
-units of this model's FFN output norm, shards of 50 edits (the paper: hundreds).
+- Memories: the output projection's weight W is the main memory and never moves. Edits train the side
+  memory W' = W + Δ (Δ starts at zero) through a random gradient mask (each entry with probability 0.2,
+  drawn at the start of each shard): SGD at lr 1.0 with weight decay 1e-5, up to 70 steps per edit (the
+  reference's early stop: the loss changed by at most 1e-4 and is at most 0.02), W' kept within W ± 1.0.
+- Loss of one edit: the target's NLL, the fact put behind the context templates (the bare prompt and 9
+  short prefixes the model writes itself, against the reference's 10 sampled ones), plus the activation
+  margins on d = mean over tokens of ||silu(W a) - silu(W' a)|| (a: the projection's input), with one
+  irrelevant prompt per edit: relu(d_irr - d_edit + γ) + relu(d_irr - α) + relu(β - d_edit).
+- Shards and merging: after every 500 edits (save_freq) W' is saved and reset to W; after every 1000
+  (merge_freq) the saved shards are TIES-merged relative to W (each task vector trimmed to its top 53 % by
+  magnitude, a sign elected per entry by the weighted sum, the agreeing entries averaged) into the merged
+  memory W_m; a later merge mixes the previous W_m in at weight 0.6. Before scoring, a shard pending past
+  500 edits is saved and merged (the reference's final merge).
+- Routing: d of W_m and of W' against W on the query; both below act_ratio (0.88) × the smallest d an edit
+  had at the end of its training → the main memory answers; otherwise whichever memory moved further.
+Deviations, each forced by this setting: routing averages d over the prompt's tokens and decides at
+prefill (the reference averages every token it is given, the answer included, which free generation
+cannot); d averages real tokens, not padding; the margins (5, 20, 10) are in units of a quarter of this
+model's FFN output norm (the reference's values are for LLaMA-2-7B's scale). WISE-Retrieve is not built.
 """
 
 from __future__ import annotations
@@ -21,77 +29,110 @@ import torch
 from torch import nn
 
 from ..editing import EditConfig, LemoeAdaptor
-from ..editing.adaptor import RoutingDecision, insert
+from ..editing.adaptor import insert
 from ..editing.batching import Pair, encode_pair, model_device, positions
-from ..editing.routing import NO_EXPERT
+from ..editing.editor import context_prefixes
 from ..schemas.facts import Fact
 from .base import BenchSettings, Method, TrainingBatch, train_answers
 from .ftl import down_projection
 
 MASK_RATIO = 0.2
 ACT_RATIO = 0.88
-# alpha (irrelevant below), beta (edits above), gamma (gap): the paper's 5 / 20 / 10, in units of a quarter
-# of this model's typical FFN output norm at the layer (the paper's absolute values are for LLaMA-2-7B).
-MARGINS = (1.0, 4.0, 2.0)
-SHARD_SIZE = 50
+EDIT_LR = 1.0
+WEIGHT_DECAY = 1e-5
+EDIT_STEPS = 70
 NORM_CONSTRAINT = 1.0
+SAVE_FREQ = 500
+MERGE_FREQ = 1000
+DENSITY = 0.53
+LATER_MERGE_WEIGHT = 0.6  # the previous merged memory's weight in a later merge (the shards share 0.4)
+CONTEXT_TEMPLATES = 9
+# alpha (irrelevant below), beta (edits above), gamma (gap): the reference's 5 / 20 / 10, in units of a
+# quarter of this model's typical FFN output norm at the layer.
+MARGINS = (1.0, 4.0, 2.0)
+
+MAIN, MERGED, CURRENT = 0, 1, 2  # which memory a row reads
 
 
-def ties_merge(deltas: list[torch.Tensor], density: float = 1.0) -> torch.Tensor:
-    """TIES-merging (Yadav et al. 2023) of task vectors: keep each one's top `density` by magnitude, elect a
-    sign per entry by total mass, and average the entries that agree with it."""
+def ties_merge(deltas: list[torch.Tensor], weights: list[float], density: float = DENSITY) -> torch.Tensor:
+    """TIES-merging (Yadav et al. 2023) of task vectors, as EasyEdit's GTA('magnitude', 'sum', normalize):
+    keep each vector's top `density` entries by magnitude, elect each entry's sign from the weighted sum,
+    and divide the weighted sum of the agreeing entries by their total weight."""
     trimmed = []
     for delta in deltas:
-        if density < 1.0 and delta.numel():
-            cutoff = delta.abs().flatten().kthvalue(max(1, int((1 - density) * delta.numel()))).values
-            delta = torch.where(delta.abs() > cutoff, delta, torch.zeros_like(delta))
+        keep = int(density * delta.numel())
+        if density < 1.0:
+            mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+            mask[delta.abs().flatten().float().topk(keep).indices] = 1
+            delta = delta * mask.view_as(delta)
         trimmed.append(delta)
     stacked = torch.stack(trimmed)
-    sign = torch.sign(stacked.sum(dim=0))
-    agree = (torch.sign(stacked) == sign) & (stacked != 0)
-    return (stacked * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
+    scale = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *[1] * (stacked.dim() - 1))
+    weighted = stacked * scale
+    majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(stacked.dtype)
+    agree = (torch.sign(weighted) == majority).to(stacked.dtype)
+    divisor = (scale * agree).sum(dim=0)
+    return (weighted * agree).sum(dim=0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
 
 class SideMemory(LemoeAdaptor):
+    """The MLP wrapped with WISE's memories, as deltas on the output projection: W' = W + current and
+    W_m = W + merged; `route` picks per row which one answers."""
+
     def __init__(self, base: nn.Module, hidden: int, config: EditConfig, layer: int) -> None:
         super().__init__(base, hidden, config, layer)
         weight = down_projection(base).weight
+        self.current = nn.Parameter(torch.zeros_like(weight), requires_grad=False)
         self.merged = torch.zeros_like(weight)
-        self.shard = nn.Parameter(torch.zeros_like(weight))
-        self.mask = torch.zeros_like(weight, dtype=torch.bool)
-        self.threshold = float("inf")  # nothing routes to the side memory before the first edit
-        self.last_scores: torch.Tensor | None = None
+        self.saved: list[torch.Tensor] = []  # shards waiting for the next merge
+        self.gradient_mask = torch.zeros_like(weight)
+        self.smallest_edit_distance = float("inf")
+        self.training_tokens: torch.Tensor | None = None  # while an edit trains: its rows' real tokens; all read W'
+        self.last_distances: torch.Tensor | None = None  # (B,) d of W' on each row, over its real tokens
+        self._reading: torch.Tensor | None = None  # (B,) MAIN / MERGED / CURRENT per row
         self._activation: torch.Tensor | None = None
         self.activation_hook = down_projection(base).register_forward_hook(self._record_activation)
 
     def _record_activation(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._activation = args[0]
 
-    def delta(self) -> torch.Tensor:
-        return self.merged + self.shard * self.mask
+    @staticmethod
+    def distance(out: torch.Tensor, change: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) mean over `tokens` of ||silu(W a) - silu(W a + change)||: how far a memory moved the rows."""
+        gap = (nn.functional.silu(out) - nn.functional.silu(out + change)).norm(dim=-1)
+        weights = tokens.to(gap.dtype)
+        return (gap * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+    def threshold(self) -> float:
+        return ACT_RATIO * self.smallest_edit_distance
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self._bypass:
             return out
-        side = self._activation @ self.delta().T.to(out.dtype)
+        activation = self._activation
+        current = activation @ self.current.T.to(out.dtype)
+        if self.training_tokens is not None:
+            self._prefill = None
+            self.last_distances = self.distance(out, current, self.training_tokens)
+            return out + current
+        merged = activation @ self.merged.T.to(out.dtype)
         if self._prefill is not None:
             prompt_mask, _ = self.prompt_layout()
             self._prefill = None
-            weights = prompt_mask.to(side.dtype)
-            self.last_scores = (side.norm(dim=-1) * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
-            experts = torch.where(self.last_scores.detach() > self.threshold, 0, NO_EXPERT)
-            self._decision = RoutingDecision(experts, torch.zeros_like(experts))
-        decision = self._forced if self._forced is not None else self._decision
-        if decision is None:
+            d_merged = self.distance(out, merged, prompt_mask)
+            d_current = self.distance(out, current, prompt_mask)
+            quiet = (d_merged < self.threshold()) & (d_current < self.threshold())
+            self._reading = torch.where(quiet, MAIN, torch.where(d_merged > d_current, MERGED, CURRENT))
+        if self._reading is None:
             return out
-        use_side = (decision.experts != NO_EXPERT)[:, None, None]
-        return torch.where(use_side, out + side, out)
+        reading = self._reading[:, None, None]
+        return torch.where(reading == MERGED, out + merged, torch.where(reading == CURRENT, out + current, out))
 
 
 class Wise(Method):
     name = "wise"
-    lr = 10.0
+    lr = EDIT_LR
 
     def __init__(self, model, tokenizer, settings: BenchSettings, irrelevant: list[Pair] | None = None) -> None:
         super().__init__(model, tokenizer, settings)
@@ -99,12 +140,12 @@ class Wise(Method):
         self.memory = insert(model, lambda mlp, hidden: SideMemory(mlp, hidden, config, settings.layer), settings.layer)
         self.irrelevant = irrelevant or []
         self.random = random.Random(settings.seed)
-        self.edits_in_shard = 0
-        self.shards = 0
-        self.edit_scores: list[float] = []
-        self._new_shard()
-        self.bytes_added = self.memory.merged.numel() * 4  # the side memory: one copy of the weight
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.edits = 0
+        self.steps = BenchSettings(settings.layer, EDIT_STEPS, settings.loss_floor, settings.seed)
+        self.templates = [""] + context_prefixes(model, tokenizer, CONTEXT_TEMPLATES)
         self.unit = self._ffn_output_norm() / 4
+        self.bytes_added = 2 * self.memory.current.numel() * 4  # W' and the merged W_m (the shards merge away)
 
     @torch.no_grad()
     def _ffn_output_norm(self) -> float:
@@ -120,61 +161,92 @@ class Wise(Method):
                 self.model(input_ids=data.ids, attention_mask=data.mask, position_ids=positions(data.mask))
         finally:
             handle.remove()
-        mask = data.mask.bool()
-        return float(recorded[0].norm(dim=-1)[mask].mean())
-
-    def _new_shard(self) -> None:
-        generator = torch.Generator().manual_seed(self.settings.seed * 1000 + self.shards)
-        mask = torch.rand(self.memory.mask.shape, generator=generator) < MASK_RATIO
-        self.memory.mask = mask.to(self.memory.mask.device)
-        with torch.no_grad():
-            self.memory.shard.zero_()
-        self.shards += 1
-        self.edits_in_shard = 0
+        return float(recorded[0].norm(dim=-1)[data.mask.bool()].mean())
 
     def close(self) -> None:
         self.memory.activation_hook.remove()  # it sits on the base model's own module, which outlives us
         super().close()
 
-    def _merge_shard(self) -> None:
-        with torch.no_grad():
-            shard = (self.memory.shard * self.memory.mask).detach()
-            self.memory.merged = ties_merge([self.memory.merged, shard]) if self.shards > 1 else shard.clone()
-        self._new_shard()
+    def model_for_eval(self) -> nn.Module:
+        memory = self.memory
+        if self.edits >= SAVE_FREQ and bool(memory.current.any()):  # the reference's final merge
+            self._save_shard()
+            self._merge()
+        return self.model
 
     def edit(self, batch: list[Fact]) -> None:
+        for fact in batch:  # one edit at a time, as the reference's sequential editing
+            if self.edits % SAVE_FREQ == 0:
+                self._new_gradient_mask()
+            self._edit_one(fact)
+            self.edits += 1
+            if self.edits % SAVE_FREQ == 0:
+                self._save_shard()
+            if self.edits % MERGE_FREQ == 0:
+                self._merge()
+
+    def _new_gradient_mask(self) -> None:
         memory = self.memory
-        pairs = [encode_pair(self.tokenizer, f.prompt, f.target) for f in batch]
-        unrelated = self.random.sample(self.irrelevant, min(len(batch), len(self.irrelevant)))
-        data = TrainingBatch.build(self.tokenizer, pairs + unrelated, model_device(self.model))
+        drawn = torch.rand(memory.gradient_mask.shape, generator=self.generator) < MASK_RATIO
+        memory.gradient_mask = drawn.to(memory.gradient_mask.device, memory.gradient_mask.dtype)
+
+    def _save_shard(self) -> None:
+        memory = self.memory
+        memory.saved.append(memory.current.detach().clone())
+        with torch.no_grad():
+            memory.current.zero_()
+
+    def _merge(self) -> None:
+        memory = self.memory
+        if not memory.saved:
+            return
+        shards = len(memory.saved)
+        if bool(memory.merged.any()):
+            deltas, weights = memory.saved + [memory.merged], [0.4 / shards] * shards + [LATER_MERGE_WEIGHT]
+        else:
+            deltas, weights = memory.saved, [1.0 / shards] * shards
+        memory.merged = ties_merge(deltas, weights)
+        memory.saved = []
+
+    def _edit_one(self, fact: Fact) -> None:
+        memory = self.memory
+        rows = [encode_pair(self.tokenizer, template + fact.prompt, fact.target) for template in self.templates]
+        unrelated = [self.random.choice(self.irrelevant)] if self.irrelevant else []
+        data = TrainingBatch.build(self.tokenizer, rows + unrelated, model_device(self.model))
+        edits = len(rows)
         alpha, beta, gamma = (margin * self.unit for margin in MARGINS)
-        edits = len(pairs)
+        weight = down_projection(memory.base).weight
+        previous = [float("inf")]
 
         def margin_loss() -> torch.Tensor:
-            s_edit, s_irr = memory.last_scores[:edits], memory.last_scores[edits:]
-            loss = torch.relu(beta - s_edit).mean()
-            if len(s_irr):
-                loss = loss + torch.relu(s_irr - alpha).mean()
-                loss = loss + torch.relu(gamma - (s_edit[:, None] - s_irr[None, :])).mean()
+            d = memory.last_distances
+            d_edit, d_irr = d[:edits], d[edits:]
+            loss = torch.relu(beta - d_edit).mean()
+            if len(d_irr):
+                loss = loss + torch.relu(d_irr - alpha).mean() + torch.relu(d_irr[:, None] - d_edit[None, :] + gamma).mean()
             return loss
 
         def mask_gradient() -> None:
-            memory.shard.grad *= memory.mask
+            memory.current.grad *= memory.gradient_mask
+            memory.current.grad += WEIGHT_DECAY * (weight + memory.current.detach())  # SGD's decay acts on W'
 
         def constrain() -> None:
             with torch.no_grad():
-                memory.shard.clamp_(-NORM_CONSTRAINT, NORM_CONSTRAINT)
+                memory.current.clamp_(-NORM_CONSTRAINT, NORM_CONSTRAINT)
 
-        everyone = torch.zeros(len(pairs) + len(unrelated), dtype=torch.long, device=data.ids.device)
-        with memory.forced(RoutingDecision(everyone, torch.zeros_like(everyone))):
-            train_answers(self.model, data, [memory.shard], self.settings, lr=self.lr, optimizer="sgd",
-                          extra_loss=margin_loss, before_step=mask_gradient, after_step=constrain, rows=edits)
-        with torch.no_grad(), memory.teacher_forcing(data.prompt_lengths[:edits]):
-            # the scores the edits have now (over their prompts, as at inference) set the threshold
-            mask = data.mask[:edits]
-            self.model(input_ids=data.ids[:edits], attention_mask=mask, position_ids=positions(mask))
-        self.edit_scores.extend(memory.last_scores.tolist())
-        memory.threshold = ACT_RATIO * min(self.edit_scores)
-        self.edits_in_shard += len(batch)
-        if self.edits_in_shard >= SHARD_SIZE:
-            self._merge_shard()
+        def converged(loss: float) -> bool:
+            done = abs(loss - previous[0]) <= 1e-4 and loss <= 0.02
+            previous[0] = loss
+            return done
+
+        memory.current.requires_grad_(True)
+        memory.training_tokens = data.mask
+        try:
+            train_answers(self.model, data, [memory.current], self.steps, lr=self.lr, optimizer="sgd",
+                          extra_loss=margin_loss, before_step=mask_gradient, after_step=constrain, rows=edits,
+                          stop_when=converged)
+        finally:
+            memory.training_tokens = None
+            memory.current.requires_grad_(False)
+        # as the reference: the edit rows' d at the last step's forward sets the routing threshold
+        memory.smallest_edit_distance = min(memory.smallest_edit_distance, float(memory.last_distances[:edits].detach().mean()))
