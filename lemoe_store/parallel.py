@@ -86,8 +86,8 @@ def stand_in(artifact: ExpertArtifact) -> ExpertArtifact:
 
 
 def workers_for(workers: int = 1, ray: str | None = None) -> LocalWorkers | RayWorkers | None:
-    """Where a commit's batches train: None (in turn, here), `workers` local processes, or Ray (`ray`:
-    "" or "local" starts a local cluster, anything else is a cluster's address)."""
+    """Where independent tasks (a commit's batches, a benchmark's cells) run: None (in turn, here),
+    `workers` local processes, or Ray (`ray`: "" or "local" starts a local cluster, else its address)."""
     if ray is not None:
         return RayWorkers(None if ray in ("", "local") else ray, workers if workers > 1 else None)
     return LocalWorkers(workers) if workers > 1 else None

@@ -15,11 +15,37 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..editing import detach, find_adaptor
+from ..editing import EditConfig, LemoeAdaptor, detach, find_adaptor
 from ..editing.adaptor import decoder_layers
 from ..editing.editor import lower_layers_replayed, recording_input
 from ..editing.batching import Pair, encode_pair, left_pad, positions
 from ..schemas.facts import Fact
+
+
+_DOWN_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2")
+
+
+def down_projection(mlp: nn.Module) -> nn.Module:
+    """The MLP's output projection (intermediate -> hidden) for the usual HF layouts."""
+    for name in _DOWN_PROJECTIONS:
+        if isinstance(getattr(mlp, name, None), nn.Module):
+            return getattr(mlp, name)
+    raise ValueError(f"no output projection ({', '.join(_DOWN_PROJECTIONS)}) in {type(mlp).__name__}")
+
+
+class ProjectionInputAdaptor(LemoeAdaptor):
+    """An adaptor that also sees `a`, the input of its MLP's output projection (WISE's and MEMOIR's memories
+    act on it), through a hook on that projection. The hook joins the adaptor's own, so `detach` (a method's
+    `close`) removes it with them; an adaptor of this kind is never re-attached."""
+
+    def __init__(self, base: nn.Module, hidden: int, config: EditConfig, layer: int) -> None:
+        super().__init__(base, hidden, config, layer)
+        self.projection = down_projection(base)
+        self._activation: torch.Tensor | None = None
+        self._hooks.append(self.projection.register_forward_hook(self._record_activation))
+
+    def _record_activation(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._activation = args[0]
 
 
 @dataclass

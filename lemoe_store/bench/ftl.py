@@ -10,23 +10,11 @@ The weight is changed in place (that is the method) and put back by `close()`.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..editing.adaptor import decoder_layers, mlp_of
 from ..editing.batching import model_device
 from ..schemas.facts import Fact
-from .base import BenchSettings, Method, TrainingBatch, train_answers
-
-_DOWN_PROJECTIONS = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2")
-
-
-def down_projection(mlp: nn.Module) -> nn.Module:
-    """The MLP's output projection (intermediate -> hidden) for the usual HF layouts."""
-    for name in _DOWN_PROJECTIONS:
-        if isinstance(getattr(mlp, name, None), nn.Module):
-            return getattr(mlp, name)
-    raise ValueError(f"no output projection ({', '.join(_DOWN_PROJECTIONS)}) in {type(mlp).__name__}")
-
+from .base import BenchSettings, Method, TrainingBatch, down_projection, train_answers
 
 class FineTuneLayer(Method):
     name = "ft-l"

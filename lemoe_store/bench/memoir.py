@@ -24,12 +24,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..editing import EditConfig, LemoeAdaptor
+from ..editing import EditConfig
 from ..editing.adaptor import insert
 from ..editing.batching import Pair, encode_prompt, left_pad, model_device, positions
 from ..schemas.facts import Fact
-from .base import BenchSettings, Method, TrainingBatch, train_answers
-from .ftl import down_projection
+from .base import BenchSettings, Method, ProjectionInputAdaptor, TrainingBatch, train_answers
 
 TOP_K_SHARE = 4096 / 14336
 OVERLAP_THRESHOLD = 0.4
@@ -38,15 +37,14 @@ EDIT_STEPS = 30
 BACKGROUND_PROMPTS = 100
 
 
-class ResidualMemory(LemoeAdaptor):
+class ResidualMemory(ProjectionInputAdaptor):
     """The MLP wrapped with MEMOIR's memory; routing is by mask overlap, decided at prefill."""
 
     def __init__(self, base: nn.Module, hidden: int, config: EditConfig, layer: int, seed: int) -> None:
         super().__init__(base, hidden, config, layer)
-        projection = down_projection(base)
-        inner = projection.weight.shape[1]
-        device = projection.weight.device
-        self.residual = nn.Parameter(torch.zeros_like(projection.weight), requires_grad=False)  # W_m
+        weight = self.projection.weight
+        inner, device = weight.shape[1], weight.device
+        self.residual = nn.Parameter(torch.zeros_like(weight), requires_grad=False)  # W_m
         self.k = max(1, round(TOP_K_SHARE * inner))
         self.threshold = OVERLAP_THRESHOLD
         self.permutation = torch.randperm(inner, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -56,11 +54,6 @@ class ResidualMemory(LemoeAdaptor):
         self.last_masks: torch.Tensor | None = None
         self.last_overlaps: torch.Tensor | None = None
         self._reading: tuple[torch.Tensor, torch.Tensor] | None = None  # (masks, rows that read the memory)
-        self._activation: torch.Tensor | None = None
-        self.activation_hook = projection.register_forward_hook(self._record_activation)
-
-    def _record_activation(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self._activation = args[0]
 
     def masks(self, activation: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """TopHash masks (B, D) of the rows' prompts."""
@@ -127,10 +120,6 @@ class Memoir(Method):
             self.model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
         tokens = mask.bool()
         return self.memory._activation[tokens].float().mean(dim=0)
-
-    def close(self) -> None:
-        self.memory.activation_hook.remove()  # it sits on the base model's own module, which outlives us
-        super().close()
 
     def edit(self, batch: list[Fact]) -> None:
         memory = self.memory

@@ -13,9 +13,9 @@ import json
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -184,10 +184,13 @@ def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str],
             cells.append(Cell(len(cells), mode, name, [f.to_record() for f in subset], batch_size, settings,
                               irrelevant, base_all[:localities], generations, model_name, device,
                               getattr(workers, "threads", 1)))
-    for cell in cells:
-        if on_start and workers is not None:  # all start at once; in turn, each as it starts
-            on_start(cell.method, len(cell.facts))
-    outcomes = workers.run(cells, run_cell) if workers is not None else _in_turn(cells, model, tokenizer, on_start)
+    if workers is None:
+        outcomes = _in_turn(cells, model, tokenizer, on_start)
+    else:
+        for cell in cells:  # they all start at once
+            if on_start:
+                on_start(cell.method, len(cell.facts))
+        outcomes = workers.run(cells, run_cell)
     results: dict[int, Result] = {}
     for index, outcome in outcomes:
         if isinstance(outcome, BaseException):

@@ -28,13 +28,12 @@ import random
 import torch
 from torch import nn
 
-from ..editing import EditConfig, LemoeAdaptor
+from ..editing import EditConfig
 from ..editing.adaptor import insert
 from ..editing.batching import Pair, encode_pair, model_device, positions
 from ..editing.editor import context_prefixes
 from ..schemas.facts import Fact
-from .base import BenchSettings, Method, TrainingBatch, train_answers
-from .ftl import down_projection
+from .base import BenchSettings, Method, ProjectionInputAdaptor, TrainingBatch, train_answers
 
 MASK_RATIO = 0.2
 ACT_RATIO = 0.88
@@ -75,13 +74,13 @@ def ties_merge(deltas: list[torch.Tensor], weights: list[float], density: float 
     return (weighted * agree).sum(dim=0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
 
-class SideMemory(LemoeAdaptor):
+class SideMemory(ProjectionInputAdaptor):
     """The MLP wrapped with WISE's memories, as deltas on the output projection: W' = W + current and
-    W_m = W + merged; `route` picks per row which one answers."""
+    W_m = W + merged; at prefill each row is given the one that answers it."""
 
     def __init__(self, base: nn.Module, hidden: int, config: EditConfig, layer: int) -> None:
         super().__init__(base, hidden, config, layer)
-        weight = down_projection(base).weight
+        weight = self.projection.weight
         self.current = nn.Parameter(torch.zeros_like(weight), requires_grad=False)
         self.merged = torch.zeros_like(weight)
         self.saved: list[torch.Tensor] = []  # shards waiting for the next merge
@@ -90,11 +89,6 @@ class SideMemory(LemoeAdaptor):
         self.training_tokens: torch.Tensor | None = None  # while an edit trains: its rows' real tokens; all read W'
         self.last_distances: torch.Tensor | None = None  # (B,) d of W' on each row, over its real tokens
         self._reading: torch.Tensor | None = None  # (B,) MAIN / MERGED / CURRENT per row
-        self._activation: torch.Tensor | None = None
-        self.activation_hook = down_projection(base).register_forward_hook(self._record_activation)
-
-    def _record_activation(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self._activation = args[0]
 
     @staticmethod
     def distance(out: torch.Tensor, change: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -163,10 +157,6 @@ class Wise(Method):
             handle.remove()
         return float(recorded[0].norm(dim=-1)[data.mask.bool()].mean())
 
-    def close(self) -> None:
-        self.memory.activation_hook.remove()  # it sits on the base model's own module, which outlives us
-        super().close()
-
     def model_for_eval(self) -> nn.Module:
         memory = self.memory
         if self.edits >= SAVE_FREQ and bool(memory.current.any()):  # the reference's final merge
@@ -215,7 +205,7 @@ class Wise(Method):
         data = TrainingBatch.build(self.tokenizer, rows + unrelated, model_device(self.model))
         edits = len(rows)
         alpha, beta, gamma = (margin * self.unit for margin in MARGINS)
-        weight = down_projection(memory.base).weight
+        weight = memory.projection.weight
         previous = [float("inf")]
 
         def margin_loss() -> torch.Tensor:
