@@ -89,6 +89,10 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=EditConfig.threshold)
     parser.add_argument("--subject-threshold", type=float, default=EditConfig.subject_threshold)
     parser.add_argument("--context-templates", type=int, default=EditConfig.context_templates)
+    parser.add_argument("--lr", type=float, default=EditConfig.lr)
+    parser.add_argument("--continuation-tokens", type=int, default=EditConfig.continuation_tokens)
+    parser.add_argument("--max-steps", type=int, default=EditConfig.max_steps)
+    parser.add_argument("--loss-floor", type=float, default=EditConfig.loss_floor)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lifelong.json"))
     args = parser.parse_args()
@@ -102,6 +106,8 @@ def main() -> None:
         facts = facts[first:last]
     config = EditConfig(layer=args.layer, key_layer=args.key_layer, threshold=args.threshold,
                         subject_threshold=args.subject_threshold, context_templates=args.context_templates,
+                        lr=args.lr, max_steps=args.max_steps, loss_floor=args.loss_floor,
+                        continuation_tokens=args.continuation_tokens,
                         batch_size=args.batch_size, plan=args.plan, anchor_rephrases=False, locality_regulariser=False)
     generate = args.protocol != "tf"
     rows, samples = [], {}

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_facts
 from lemoe_store.editing import EditConfig, Editor, attach, detach, evaluate, find_adaptor, plan
 from lemoe_store.editing.adaptor import RoutingDecision
-from lemoe_store.editing.batching import encode_pair, encode_prompt, teacher_forced_predictions
+from lemoe_store.editing.batching import encode_pair, encode_prompt, greedy_continuations, teacher_forced_predictions
 from lemoe_store.editing.routing import NO_EXPERT
 from lemoe_store.editing.wild import greedy_texts
 from lemoe_store.models import load_model
@@ -95,7 +95,8 @@ def test_earlier_experts_are_frozen_bit_for_bit(llama):
 def test_routing_is_the_same_in_full_forward_and_cached_generation(llama):
     model, tokenizer = llama
     facts = tiny_facts()
-    editor = Editor(model, tokenizer, EditConfig(**CONFIG))
+    # Long enough that the random tiny model learns every answer ("27 27 26" is the slowest).
+    editor = Editor(model, tokenizer, EditConfig(**{**CONFIG, "max_steps": 200}))
     editor.edit(facts[:6])
     editor.edit(facts[6:])
     adaptor = find_adaptor(model)
@@ -144,6 +145,26 @@ def test_a_routed_query_reads_the_key_of_the_anchor_it_matched(llama):
     assert not torch.allclose(forced_logits(editor.keys([rephrase])), routed, atol=1e-4)
 
 
+def test_the_matched_key_alone_carries_part_of_the_facts_push_at_the_first_answer_position(llama):
+    """A rephrase's own hidden state differs from its fact's prompt; the value read from the matched
+    anchor's key gives it the push that belongs to the fact whatever that state is, where the answer's
+    first token is predicted (and only there)."""
+    model, tokenizer = llama
+    facts = tiny_facts()[:6]
+    editor = Editor(model, tokenizer, EditConfig(**CONFIG))
+    editor.edit(facts)
+    expert = editor.adaptor.experts[0]
+    keys = editor.keys([f.prompt for f in facts])
+    blank = torch.zeros(len(facts), 2, editor.adaptor.hidden)
+    first = torch.tensor([[True, False]] * len(facts))
+    with torch.no_grad():
+        pushed = expert(blank, keys, first)
+        assert pushed[:, 0].abs().amax() > 1e-3
+        assert torch.equal(pushed[:, 1], torch.zeros_like(pushed[:, 1]))  # later positions: x's part alone
+        expert.value.weight.zero_()  # without the value, a blank state gets no push at all
+        assert torch.equal(expert(blank, keys, first), torch.zeros_like(pushed))
+
+
 def test_works_on_gpt2_layout(tiny_gpt2_dir):
     model, tokenizer = load_model(str(tiny_gpt2_dir), device="cpu")
     facts = tiny_facts()[:4]
@@ -169,13 +190,14 @@ def test_attach_restores_a_version_from_artifacts(llama):
     assert not torch.equal(edited, base)
 
 
-def test_experts_saved_before_the_key_projection_load_as_a_zero_projection(llama):
+@pytest.mark.parametrize("missing", [("value.weight",), ("key.weight", "value.weight")])
+def test_experts_saved_before_the_key_projections_load_as_zero_projections(llama, missing):
     model, tokenizer = llama
     facts = tiny_facts()[:6]
     config = EditConfig(**CONFIG)
     artifact = Editor(model, tokenizer, config).edit(facts)
-    zeroed = replace(artifact, weights={**artifact.weights, "key.weight": torch.zeros_like(artifact.weights["key.weight"])})
-    older = replace(artifact, weights={k: v for k, v in artifact.weights.items() if k != "key.weight"})
+    zeroed = replace(artifact, weights={**artifact.weights, **{k: torch.zeros_like(artifact.weights[k]) for k in missing}})
+    older = replace(artifact, weights={k: v for k, v in artifact.weights.items() if k not in missing})
     attach(model, [zeroed], config)
     expected = _logits(model, tokenizer, facts[0].prompt)
     attach(model, [older], config)
@@ -395,3 +417,47 @@ def test_a_bfloat16_model_edits_with_float32_experts_and_restores_from_artifacts
 
     attach(model, [artifact], EditConfig(**CONFIG))  # loaded back from its (float16) artifact: the same answers
     assert all(torch.equal(_logits(model, tokenizer, f.prompt), before) for f, before in zip(facts, edited))
+
+
+def test_greedy_continuations_are_the_models_own_next_tokens(llama):
+    model, tokenizer = llama
+    pairs = [encode_pair(tokenizer, f.prompt, f.target) for f in tiny_facts()[:3]]
+    found = greedy_continuations(model, tokenizer, pairs, 4)
+    for pair, (tokens, logprobs) in zip(pairs, found):
+        ids = torch.tensor([pair.prompt + pair.answer])
+        expected = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+        assert tokens == expected
+        assert logprobs.shape == (4, model.config.vocab_size) and logprobs.argmax(dim=-1).tolist() == tokens
+
+
+def test_continuation_tokens_train_the_drift_from_the_base_model_after_the_answer(llama, monkeypatch):
+    """The gate is closed after the answer, but later tokens attend to the pushed answer positions; the
+    divergence training adds there is the edited model's KL from the base model's own continuation of
+    prompt + target, position for position (a misaligned or unrouted term would differ)."""
+    model, tokenizer = llama
+    facts = tiny_facts()[:6]
+    pairs = [encode_pair(tokenizer, f.prompt, f.target) for f in facts]
+    detach(model)
+    base = greedy_continuations(model, tokenizer, pairs, 3)
+    trained: list[float] = []
+    kl_div = torch.nn.functional.kl_div
+
+    def recording_kl_div(*args, **kwargs):
+        trained.append(float((value := kl_div(*args, **kwargs)).detach()))
+        return value
+
+    monkeypatch.setattr(torch.nn.functional, "kl_div", recording_kl_div)
+    # Stops as soon as every answer token is the argmax, so the last term recorded is the final expert's.
+    config = EditConfig(**{**CONFIG, "loss_floor": 100.0, "expert_dtype": "float32"}, continuation_tokens=3)
+    Editor(model, tokenizer, config).edit(facts)
+    monkeypatch.undo()
+    drift, positions = 0.0, 0
+    for pair, (tokens, base_logprobs) in zip(pairs, base):
+        ids = torch.tensor([pair.prompt + pair.answer + tokens[:-1]])
+        with torch.no_grad(), find_adaptor(model).teacher_forcing(torch.tensor([len(pair.prompt)])):
+            edited = model(input_ids=ids).logits[0, len(pair.prompt) + len(pair.answer) - 1 :].float()
+        drift += float(kl_div(edited.log_softmax(dim=-1), base_logprobs, log_target=True, reduction="sum"))
+        positions += len(tokens)
+    assert trained[-1] > 0 and drift > 0
+    assert trained[-1] == pytest.approx(drift / positions, rel=1e-3)

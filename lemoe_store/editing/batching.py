@@ -87,6 +87,22 @@ def teacher_forced_predictions(model, tokenizer, pairs: list[Pair], batch_size: 
 
 
 @torch.no_grad()
+def greedy_continuations(model, tokenizer, pairs: list[Pair], tokens: int) -> list[tuple[list[int], torch.Tensor]]:
+    """For each pair, the model's next `tokens` greedy tokens after prompt + answer, and its log-probabilities
+    (tokens, vocab) at each of those positions (run on the base model: what an edit should leave alone)."""
+    device = model_device(model)
+    sequences = [p.prompt + p.answer for p in pairs]
+    logprobs: list[list[torch.Tensor]] = [[] for _ in pairs]
+    for _ in range(tokens):
+        ids, mask = left_pad(sequences, tokenizer.pad_token_id, device)
+        last = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -1].float()
+        for index, row in enumerate(last.log_softmax(dim=-1)):
+            logprobs[index].append(row.cpu())
+            sequences[index] = sequences[index] + [int(row.argmax())]
+    return [(sequence[len(sequence) - tokens :], torch.stack(rows)) for sequence, rows in zip(sequences, logprobs)]
+
+
+@torch.no_grad()
 def routing_keys(model, tokenizer, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
     """Routing keys (N, H) of prompts, computed by the model's adaptor exactly as at inference."""
     adaptor = find_adaptor(model)

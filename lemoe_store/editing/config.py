@@ -99,6 +99,10 @@ class EditConfig(AdaptorConfig):
 
     lr, max_steps, loss_floor: each expert trains at `lr` until every answer token is the argmax and the
         loss is under `loss_floor`, for at most `max_steps` steps.
+    continuation_tokens: after each trained answer, this many of the base model's own next tokens (its
+        greedy continuation of prompt + target) are trained to keep the base model's distribution (KL).
+        The gate is closed there, but those positions attend to the answer span the expert pushed on, and
+        a strong push leaks into what follows through that attention.
     context_templates: how many context prefixes (short texts the base model writes) each fact is also
         trained behind, as ROME and WISE do; a copy is trained only where it routes to its own fact.
     anchor_rephrases: train a fact's rephrases too and store their keys as anchors of its expert.
@@ -112,6 +116,7 @@ class EditConfig(AdaptorConfig):
     max_steps: int = 40
     loss_floor: float = 0.1
     context_templates: int = 0
+    continuation_tokens: int = 3
     anchor_rephrases: bool = True
     locality_regulariser: bool = True
     batch_size: int = 10
@@ -123,3 +128,5 @@ class EditConfig(AdaptorConfig):
             raise ConfigError(f"plan must be one of {PLANS}, not {self.plan!r}")
         if self.batch_size < 1 or self.max_steps < 1:
             raise ConfigError("batch_size and max_steps must be positive")
+        if self.context_templates < 0 or self.continuation_tokens < 0:
+            raise ConfigError("context_templates and continuation_tokens must not be negative")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,7 +20,8 @@ from transformers import DynamicCache
 
 from ..schemas.facts import Fact
 from .adaptor import ROUTER_PREFIX, Expert, ExpertArtifact, LemoeAdaptor, RoutingDecision, attach, decoder_layers
-from .batching import Pair, encode_pair, left_pad, model_device, positions, routing_keys, teacher_forced_predictions
+from .batching import (Pair, encode_pair, greedy_continuations, left_pad, model_device, positions, routing_keys,
+                       teacher_forced_predictions)
 from .config import EditConfig
 from .routing import NO_EXPERT, occurs
 from .wild import greedy_texts
@@ -40,6 +41,8 @@ class _Row:
     labels: list[int] | None = None
     subject: list[list[int]] | None = None
     own_anchor_only: bool = False  # trained only where routing finds the row's own fact (context copies)
+    continuation: list[int] = field(default_factory=list)  # the base model's next tokens after the answer
+    continuation_logprobs: torch.Tensor | None = None  # (len(continuation), vocab): its distributions there
 
 
 def subject_sequences(tokenizer, subject: str, prompt: list[int]) -> list[list[int]]:
@@ -170,6 +173,8 @@ class Editor:
         if self.config.context_templates:
             rows += [_Row(f.id, encode_pair(self.tokenizer, prefix + f.prompt, f.target), False, own_anchor_only=True)
                      for f in facts for prefix in self.prefixes()]
+        if self.config.continuation_tokens:
+            self._add_continuations(rows)
         if self.config.locality_regulariser:
             rows += self._locality_rows(facts)
         prompt_ids, prompt_mask = left_pad([r.pair.prompt for r in rows], self.tokenizer.pad_token_id, self.device)
@@ -258,6 +263,14 @@ class Editor:
         }
         return ExpertArtifact(weights, anchors.float(), anchor_facts, stats, anchor_spans, anchor_subjects)
 
+    def _add_continuations(self, rows: list[_Row]) -> None:
+        """What the base model writes after each row's answer, and its distributions there (to keep)."""
+        with self.adaptor.bypassed():
+            found = greedy_continuations(self.model, self.tokenizer, [r.pair for r in rows],
+                                         self.config.continuation_tokens)
+        for row, (tokens, logprobs) in zip(rows, found):
+            row.continuation, row.continuation_logprobs = tokens, logprobs
+
     def _locality_rows(self, facts: list[Fact]) -> list[_Row]:
         """Locality prompts with the base model's own teacher-forced predictions as their labels."""
         pairs = [(f.id, encode_pair(self.tokenizer, loc.prompt, loc.answer)) for f in facts for loc in f.locality]
@@ -270,17 +283,24 @@ class Editor:
     def _train(self, parameters, rows, prompt_mask, prefix, trained, spans, expert_index, keys,
                on_step) -> tuple[int, float]:
         device, pad = self.device, self.tokenizer.pad_token_id
-        width = max(len(r.pair.answer) for r in rows)
+        width = max(len(r.pair.answer) + len(r.continuation) for r in rows)
         inputs = torch.full((len(rows), width), pad, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        kept = torch.zeros((len(rows), width), dtype=torch.bool)  # continuation positions: keep the base's
         chunk_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for index, row in enumerate(rows):
+            answer = len(row.pair.answer)
             chunk = [row.pair.prompt[-1]] + row.pair.answer[:-1]
+            if row.continuation:  # the last answer token is then an input too, and the continuation after it
+                chunk += row.pair.answer[-1:] + row.continuation[:-1]
             inputs[index, : len(chunk)] = torch.tensor(chunk)
-            labels[index, : len(row.pair.answer)] = torch.tensor(row.labels or row.pair.answer)
+            labels[index, :answer] = torch.tensor(row.labels or row.pair.answer)
+            kept[index, answer : answer + len(row.continuation)] = bool(trained[index])
             chunk_mask[index, : len(chunk)] = 1
         labels[~trained.cpu()] = -100  # prompts routed elsewhere cannot be changed by this expert
-        inputs, labels, chunk_mask = inputs.to(device), labels.to(device), chunk_mask.to(device)
+        base_logprobs = torch.cat([r.continuation_logprobs for r, k in zip(rows, kept) if k.any()] or
+                                  [torch.empty(0)]).to(device)
+        inputs, labels, kept, chunk_mask = inputs.to(device), labels.to(device), kept.to(device), chunk_mask.to(device)
         attention = torch.cat([prompt_mask[:, :-1], chunk_mask], dim=1)
         prompt_lengths = prompt_mask.sum(dim=1)
         chunk_positions = prompt_lengths[:, None] - 1 + torch.arange(width, device=device)[None, :]
@@ -298,8 +318,9 @@ class Editor:
         lm_head = self.model.get_output_embeddings()
         targets = labels[counted]
 
-        def forward() -> tuple[torch.Tensor, torch.Tensor]:
-            """Logits at the target positions, and the loss of routing (zero under anchor routing)."""
+        def forward() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """Logits at the target positions, the loss of routing (zero under anchor routing) and the
+            divergence from the base model after the answers (zero without continuations)."""
             decision = RoutingDecision(route, start, keys=keys, span=spans.to(device))
             routing_loss = torch.zeros((), device=device)
             if router is not None:  # the routed expert's output is weighted by its softmax probability
@@ -315,21 +336,27 @@ class Editor:
                     cache=cache,
                     use_cache=True,
                 ).last_hidden_state
-            return lm_head(hidden[counted]), routing_loss
+            drift = torch.zeros((), device=device)
+            if bool(kept.any()):
+                edited = lm_head(hidden[kept]).float().log_softmax(dim=-1)
+                drift = torch.nn.functional.kl_div(edited, base_logprobs, log_target=True, reduction="batchmean")
+            return lm_head(hidden[counted]), routing_loss, drift
 
         recorded: list[torch.Tensor] = []
         with recording_input(decoder_layers(self.model)[self.adaptor.layer], recorded):
-            logits, routing_loss = forward()
+            logits, routing_loss, drift = forward()
         with lower_layers_replayed(self.model, self.adaptor.layer, recorded[0]):
             for step in range(1, self.config.max_steps + 1):
                 if step > 1:
-                    logits, routing_loss = forward()
-                loss = torch.nn.functional.cross_entropy(logits.float(), targets) + routing_loss
+                    logits, routing_loss, drift = forward()
+                answer_loss = torch.nn.functional.cross_entropy(logits.float(), targets) + routing_loss
+                loss = answer_loss + drift
                 loss_value = loss.item()
                 if on_step:
                     on_step(step, loss_value)
+                # Done once the answers are learnt; the drift term only shapes how they are learnt.
                 learnt = bool((logits.argmax(-1) == targets).all())
-                if learnt and loss_value <= self.config.loss_floor:
+                if learnt and answer_loss.item() <= self.config.loss_floor:
                     return step - 1, loss_value
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
