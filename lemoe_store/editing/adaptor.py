@@ -36,7 +36,7 @@ _LAYER_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_ne
 class Expert(nn.Module):
     """A small gated FFN (hidden -> rank -> hidden) whose gate also reads a routing key (that of the anchor
     the prompt matched), and whose value reads it too where the answer's first token is predicted (the last
-    prompt token); its output and key-value projections start at zero.
+    prompt token); its output projection and its value projection start at zero.
 
         E(x, k) = down( silu(gate(x) + key(k)) * (up(x) + [first] value(k)) )
 
