@@ -429,6 +429,9 @@ def test_greedy_continuations_are_the_models_own_next_tokens(llama):
                                   do_sample=False, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
         assert tokens == expected
         assert logprobs.shape == (4, model.config.vocab_size) and logprobs.argmax(dim=-1).tolist() == tokens
+        with torch.no_grad():  # the cached, left-padded batch reads as each sequence run whole, alone
+            whole = model(input_ids=torch.tensor([pair.prompt + pair.answer + tokens[:-1]])).logits[0, -4:]
+        assert torch.allclose(logprobs, whole.float().log_softmax(dim=-1), atol=1e-4)
 
 
 def test_continuation_tokens_train_the_drift_from_the_base_model_after_the_answer(llama, monkeypatch):

@@ -90,16 +90,22 @@ def teacher_forced_predictions(model, tokenizer, pairs: list[Pair], batch_size: 
 def greedy_continuations(model, tokenizer, pairs: list[Pair], tokens: int) -> list[tuple[list[int], torch.Tensor]]:
     """For each pair, the model's next `tokens` greedy tokens after prompt + answer, and its log-probabilities
     (tokens, vocab) at each of those positions (run on the base model: what an edit should leave alone)."""
-    device = model_device(model)
-    sequences = [p.prompt + p.answer for p in pairs]
-    logprobs: list[list[torch.Tensor]] = [[] for _ in pairs]
-    for _ in range(tokens):
-        ids, mask = left_pad(sequences, tokenizer.pad_token_id, device)
-        last = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits[:, -1].float()
-        for index, row in enumerate(last.log_softmax(dim=-1)):
-            logprobs[index].append(row.cpu())
-            sequences[index] = sequences[index] + [int(row.argmax())]
-    return [(sequence[len(sequence) - tokens :], torch.stack(rows)) for sequence, rows in zip(sequences, logprobs)]
+    ids, mask = left_pad([p.prompt + p.answer for p in pairs], tokenizer.pad_token_id, model_device(model))
+    position = positions(mask)
+    # One pass over prompt + answer, then a token at a time on its K/V cache; logits at the last position only.
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+    chosen: list[torch.Tensor] = []
+    logprobs: list[torch.Tensor] = []
+    for step in range(tokens):
+        last = out.logits[:, -1].float().log_softmax(dim=-1)
+        logprobs.append(last.cpu())
+        chosen.append(last.argmax(dim=-1, keepdim=True))
+        if step + 1 < tokens:
+            mask = torch.cat([mask, torch.ones_like(chosen[-1])], dim=1)
+            position = position[:, -1:] + 1
+            out = model(input_ids=chosen[-1], attention_mask=mask, position_ids=position, cache=out.cache,
+                        use_cache=True, logits_to_keep=1)
+    return list(zip(torch.cat(chosen, dim=1).tolist(), torch.stack(logprobs, dim=1)))  # (tokens,), (tokens, vocab)
 
 
 @torch.no_grad()
@@ -113,7 +119,7 @@ def routing_keys(model, tokenizer, prompts: list[str], batch_size: int = 32) -> 
     for start in range(0, len(prompts), batch_size):
         rows = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
-        model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+        model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False, logits_to_keep=1)
         out.append(adaptor.last_keys.cpu())
     return torch.cat(out)
 

@@ -184,6 +184,7 @@ class Editor:
                 attention_mask=prompt_mask,
                 position_ids=positions(prompt_mask),
                 use_cache=True,
+                logits_to_keep=1,  # only the keys and the cache are wanted: skip the vocabulary projection
             )
         keys = self.adaptor.last_keys.cpu()
         # The last prompt token is re-run in every step (the expert acts on it): cache only what precedes it.
