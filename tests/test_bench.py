@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import CORPUS, tiny_facts
-from lemoe_store.bench import METHODS, BenchSettings, run_grid, save
+from lemoe_store.bench import METHODS, TITLES, BenchSettings, run_grid, save
 from lemoe_store.bench.runner import irrelevant_pool, make_method
 from lemoe_store.bench.wise import ties_merge
 from lemoe_store.cli import app
@@ -28,6 +28,12 @@ def tiny(tiny_llama_dir):
 def _logits(model, tokenizer, prompt: str) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=torch.tensor([encode_prompt(tokenizer, prompt)])).logits
+
+
+def test_every_method_has_the_title_its_rows_carry():
+    assert set(METHODS) == set(TITLES)
+    assert TITLES["lemoe-anchors"] == "LEMoE with per-fact anchor routing (ours)"
+    assert TITLES["lemoe-paper"] == "LEMoE (paper routing)"
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -66,11 +72,27 @@ def test_grace_and_lemoe_leave_unrelated_prompts_bit_identical(tiny):
     model, tokenizer = tiny
     probe = "the quick brown fox jumps over the lazy dog 0 1 2 3"
     before = _logits(model, tokenizer, probe)
-    for name in ("grace", "lemoe"):
+    for name in ("grace", "lemoe-anchors"):
         method = make_method(name, model, tokenizer, SETTINGS, [])
         method.edit(tiny_facts()[:4])
         assert torch.equal(_logits(method.model_for_eval(), tokenizer, probe), before), name
         method.close()
+
+
+@pytest.mark.parametrize("name", ["moe", "lemoe-learned-router"])
+def test_learned_router_variants_route_on_lemoes_keys(tiny, name):
+    """The ablations against LEMoE change the router only: their keys are LEMoE's anchors' keys."""
+    model, tokenizer = tiny
+    prompts = [f.prompt for f in tiny_facts()[:4]]
+    lemoe = make_method("lemoe-anchors", model, tokenizer, SETTINGS, [])
+    expected = lemoe.editor.keys(prompts)
+    lemoe.close()
+    method = make_method(name, model, tokenizer, SETTINGS, [])
+    method.edit(tiny_facts()[:4])
+    for prompt, key in zip(prompts, expected):
+        method.model_for_eval()(input_ids=torch.tensor([encode_prompt(tokenizer, prompt)]))
+        assert torch.allclose(method.adaptor.last_keys[0], key, atol=1e-5), prompt
+    method.close()
 
 
 def test_memoir_reads_its_memory_only_for_prompts_whose_mask_overlaps_an_edit(tiny):
@@ -127,9 +149,10 @@ def test_wise_merges_its_shards_by_ties_relative_to_w_as_computed_by_hand(tiny):
 def test_run_grid_writes_results_and_plot(tiny, tmp_path):
     model, tokenizer = tiny
     facts = tiny_facts()
-    results = run_grid("lifelong", model, tokenizer, facts[:8], ["lemoe", "ft-l"], [4, 8], 4, SETTINGS,
+    results = run_grid("lifelong", model, tokenizer, facts[:8], ["lemoe-anchors", "ft-l"], [4, 8], 4, SETTINGS,
                        irrelevant_pool(tokenizer, facts[8:]), protocol="both")
-    assert [(r.method, r.T) for r in results] == [("lemoe", 4), ("lemoe", 8), ("ft-l", 4), ("ft-l", 8)]
+    assert [(r.method, r.T) for r in results] == [("lemoe-anchors", 4), ("lemoe-anchors", 8), ("ft-l", 4),
+                                                  ("ft-l", 8)]
     # Both protocols in every row, each scored against the base model's generations taken before any edit
     # (FT-L changes the weights themselves, so "base" cannot be read from the model afterwards).
     assert all(r.wild_rel is not None and r.fluency is not None for r in results)
@@ -139,16 +162,49 @@ def test_run_grid_writes_results_and_plot(tiny, tmp_path):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_bench_writes_a_table_results_and_plot(tiny_llama_dir, facts_file, tmp_path):
+def test_cli_bench_writes_a_table_results_and_plot(tiny_llama_dir, facts_file, tmp_path, monkeypatch):
+    from lemoe_store.cli import output
+
+    monkeypatch.setattr(output.console, "width", 160)  # a wide terminal: every column whole
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, [
-        "bench", "lifelong", "--methods", "grace,lemoe", "--T", "2,4", "--data", str(facts_file),
+        "bench", "lifelong", "--methods", "grace,lemoe-anchors", "--T", "2,4", "--data", str(facts_file),
         "--irrelevant", str(facts_file), "--model", str(tiny_llama_dir), "--layer", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "grace" in result.output and "bytes/edit" in result.output
+    assert "GRACE" in result.output and "LEMoE with" in result.output  # each row under its method's name
     results = json.loads((out / "results.json").read_text())["results"]
-    assert [(r["method"], r["T"]) for r in results] == [("grace", 2), ("grace", 4), ("lemoe", 2), ("lemoe", 4)]
+    assert [(r["method"], r["T"]) for r in results] == [("grace", 2), ("grace", 4), ("lemoe-anchors", 2),
+                                                        ("lemoe-anchors", 4)]
     assert (out / "results.png").stat().st_size > 1000
+
+
+def test_cli_bench_takes_a_slice_of_the_records(tiny_llama_dir, facts_file, tmp_path):
+    out = tmp_path / "bench"
+    common = ["bench", "lifelong", "--methods", "grace", "--data", str(facts_file), "--irrelevant", str(facts_file),
+              "--model", str(tiny_llama_dir), "--layer", "2", "--out", str(out)]
+    result = CliRunner().invoke(app, [*common, "--records", "2:5", "--T", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "results.json").read_text())["records"] == "2:5"
+    too_many = CliRunner().invoke(app, [*common, "--records", "2:5", "--T", "4"])
+    assert too_many.exit_code == 2 and "--T 4 is more than the 3 facts" in too_many.output
+    bad = CliRunner().invoke(app, [*common, "--records", "two:5"])
+    assert bad.exit_code == 2 and "--records takes START:END" in bad.output
+
+
+def test_long_form_rows_report_the_targets_perplexity_beside_the_base_models(tiny):
+    """PPL = exp(mean NLL of the target's tokens after the prompt), averaged over facts; editing lowers it."""
+    model, tokenizer = tiny
+    facts = tiny_facts()[:4]
+    expected_base = []
+    with torch.no_grad():
+        for fact in facts:
+            pair = encode_pair(tokenizer, fact.prompt, fact.target)
+            logits = model(input_ids=torch.tensor([pair.prompt + pair.answer])).logits[0]
+            answer_logits = logits[len(pair.prompt) - 1 : -1]
+            expected_base.append(torch.nn.functional.cross_entropy(answer_logits, torch.tensor(pair.answer)).exp())
+    (row,) = run_grid("lifelong", model, tokenizer, facts, ["lemoe-anchors"], [4], 4, SETTINGS, [])
+    assert row.base_ppl == pytest.approx(float(torch.stack(expected_base).mean()), rel=1e-3)
+    assert row.ppl < row.base_ppl / 2
 
 
 def test_grid_cells_fanned_out_to_worker_processes_score_as_in_turn(tiny, tiny_llama_dir):
@@ -158,13 +214,13 @@ def test_grid_cells_fanned_out_to_worker_processes_score_as_in_turn(tiny, tiny_l
 
     model, tokenizer = tiny
     facts = tiny_facts()
-    grid = ("lifelong", model, tokenizer, facts[:6], ["lemoe", "grace"], [3, 6], 3, SETTINGS,
+    grid = ("lifelong", model, tokenizer, facts[:6], ["lemoe-anchors", "grace"], [3, 6], 3, SETTINGS,
             irrelevant_pool(tokenizer, facts[8:]))
     started: list[tuple[str, int]] = []
     in_turn = run_grid(*grid, protocol="both")
     fanned = run_grid(*grid, protocol="both", workers=LocalWorkers(2), model_name=str(tiny_llama_dir),
                       on_start=lambda name, size: started.append((name, size)))
-    assert sorted(started) == [("grace", 3), ("grace", 6), ("lemoe", 3), ("lemoe", 6)]
+    assert sorted(started) == [("grace", 3), ("grace", 6), ("lemoe-anchors", 3), ("lemoe-anchors", 6)]
 
     def scores(result) -> dict:
         return {k: v for k, v in asdict(result).items() if k not in ("seconds", "s_per_edit")}

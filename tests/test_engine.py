@@ -464,3 +464,20 @@ def test_continuation_tokens_train_the_drift_from_the_base_model_after_the_answe
         positions += len(tokens)
     assert trained[-1] > 0 and drift > 0
     assert trained[-1] == pytest.approx(drift / positions, rel=1e-3)
+
+
+def test_portability_scores_the_questions_that_depend_on_an_edit(llama):
+    """Portability = teacher-forced accuracy on the facts' portability questions, never trained on."""
+    model, tokenizer = llama
+    facts = [replace(f, portability=(Locality(f.prompt, f.target), Locality("0 1 2 3 4 5 6 7 8", "1 2")))
+             for f in tiny_facts()[:4]]
+    Editor(model, tokenizer, EditConfig(**CONFIG)).edit([replace(f, portability=()) for f in facts])
+    scores = evaluate(model, tokenizer, facts, generate=True)
+    questions = [encode_pair(tokenizer, q.prompt, q.answer) for f in facts for q in f.portability]
+    expected = [sum(int(p == a) for p, a in zip(predicted, pair.answer)) / len(pair.answer)
+                for predicted, pair in zip(teacher_forced_predictions(model, tokenizer, questions), questions)]
+    assert scores.portability == pytest.approx(sum(expected) / len(expected))
+    assert expected[0::2] == [1.0] * 4  # the edit prompt itself, as a question: answered by its expert
+    assert scores.wild_portability == pytest.approx(scores.wild_rel / 2)  # the unrelated probe: not its answer
+    assert [s["kind"] for s in scores.samples].count("portability") == 8
+    detach(model)

@@ -96,3 +96,16 @@ def test_facts_take_plain_lists_and_dicts():
     assert [f.target for f in converted] == ["cricket", "Priya", "Kofi"] and converted[0] is fact
     with pytest.raises(FactsError, match="facts:2: target"):
         as_facts([fact, {"prompt": "Eldham mayor", "target": ""}])
+
+
+def test_zsre_portability_questions_load_as_evaluation_probes(tmp_path):
+    first = load_facts(SHARED / "zsre_mend_eval.json")[0]
+    assert first.portability == (Locality(
+        "What type of sports event is the IAAF Combined Events Challenge, which was established in 2006?",
+        "Athletics"),)
+    assert Fact.from_record(first.to_record()) == first
+    path = tmp_path / "facts.jsonl"
+    path.write_text(json.dumps({"prompt": "Eldham mayor", "target": "Priya", "portability": [{"prompt": "Who?"}]}))
+    with pytest.raises(FactsError) as error:
+        load_facts(path)
+    assert str(error.value) == f"{path}:1: portability.0: 'answer' is a required property"

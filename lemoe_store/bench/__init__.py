@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import importlib
 
-DEFAULT_METHODS = ("lemoe", "ft-l", "grace", "wise", "memoir", "moe")
+# Every method's id (what `--methods` takes) and the name its rows carry in tables, plots and READMEs.
+TITLES = {
+    "lemoe-anchors": "LEMoE with per-fact anchor routing (ours)",
+    "lemoe-paper": "LEMoE (paper routing)",
+    "lemoe-anchors-no-plan": "LEMoE with per-fact anchor routing, no order planning",
+    "lemoe-learned-router": "LEMoE's frozen experts, learned router (no KV routing)",
+    "moe": "Conventional MoE adaptor (learned router, nothing frozen)",
+    "ft-l": "FT-L",
+    "grace": "GRACE",
+    "wise": "WISE",
+    "memoir": "MEMOIR",
+}
+DEFAULT_METHODS = ("lemoe-anchors", "ft-l", "grace", "wise", "memoir", "moe")
 PROTOCOLS = ("tf", "wild", "both")  # teacher-forced, free generation (WILD), both
 
 _HOMES = {"BenchSettings": "base", "Method": "base", "METHODS": "runner", "Result": "runner", "run_grid": "runner",
           "save": "runner", "code_version": "runner", "irrelevant_pool": "runner"}
 
-__all__ = ["DEFAULT_METHODS", "PROTOCOLS", *sorted(_HOMES)]
+__all__ = ["DEFAULT_METHODS", "PROTOCOLS", "TITLES", *sorted(_HOMES)]
 
 
 def __getattr__(name: str):

@@ -1,6 +1,7 @@
-"""LEMoE itself in the benchmark: the engine's `Editor`, one frozen expert per batch, KV anchor routing,
-with (`lemoe`) or without (`lemoe-no-plan`) clustering-based order planning, or with the paper's own
-routing (`lemoe-kv-paper`: one learned key per expert, a learned query projection, top-1)."""
+"""LEMoE itself in the benchmark: the engine's `Editor`, one frozen expert per batch, routed by per-fact
+anchors with (`lemoe-anchors`, ours) or without (`lemoe-anchors-no-plan`) clustering-based order planning,
+or by the paper's own KV anchor routing (`lemoe-paper`: one learned key per expert, a learned query
+projection, top-1)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from .base import BenchSettings, Method
 
 
 class Lemoe(Method):
-    name = "lemoe"
+    name = "lemoe-anchors"
     plans_order = True
     planner = "cluster"
     routing = "kv-anchor"
@@ -38,7 +39,7 @@ class Lemoe(Method):
 class LemoeNoPlan(Lemoe):
     """Ablation: the facts are edited in their given order (no clustering)."""
 
-    name = "lemoe-no-plan"
+    name = "lemoe-anchors-no-plan"
     plans_order = False
     planner = "original"
 
@@ -46,5 +47,5 @@ class LemoeNoPlan(Lemoe):
 class LemoePaperRouting(Lemoe):
     """Ablation: the LEMoE paper's KV anchor routing instead of ours (per-fact anchors and a threshold)."""
 
-    name = "lemoe-kv-paper"
+    name = "lemoe-paper"
     routing = "kv-anchor-paper"

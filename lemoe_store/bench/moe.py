@@ -1,12 +1,13 @@
 """A conventional MoE adaptor: the same experts beside the same MLP, but routed by a learned softmax
-top-1 router over the prompt's key instead of KV anchors, and trained end to end.
+top-1 router over the prompt's key (read at LEMoE's key layer, as its anchors are) instead of KV anchors,
+and trained end to end.
 
 - `moe` (the paper's own baseline): no expert is frozen; the router and every expert may change on each
   batch (an earlier expert changes when the new batch's prompts are routed to it).
-- `lemoe-no-kv` (ablation "without KV anchor routing"): earlier experts frozen as in LEMoE, the router
-  learned. Under KV anchor routing freezing cannot be ablated on its own: training routes a batch's prompts
-  only to its new expert, so earlier experts get no gradient either way; `moe` against `lemoe-no-kv` is
-  the freezing ablation of the learned-router design.
+- `lemoe-learned-router` (ablation "without KV anchor routing"): earlier experts frozen as in LEMoE, the
+  router learned. Under KV anchor routing freezing cannot be ablated on its own: training routes a batch's
+  prompts only to its new expert, so earlier experts get no gradient either way; `moe` against
+  `lemoe-learned-router` is the freezing ablation of the learned-router design.
 
 Each batch appends one expert and one router row; training minimises the answers' NLL plus the router's
 cross-entropy towards the new expert for the batch's prompts (a router has no other signal to send new
@@ -19,9 +20,8 @@ import torch
 from torch import nn
 
 from ..editing import EditConfig, LemoeAdaptor
-from ..editing.adaptor import RoutingDecision, insert
-from ..editing.batching import model_device
-from ..editing.routing import prompt_keys
+from ..editing.adaptor import RoutingDecision, decoder_layers, insert
+from ..editing.batching import model_device, positions
 from ..schemas.facts import Fact
 from .base import BenchSettings, Method, TrainingBatch, train_answers
 
@@ -29,10 +29,11 @@ from .base import BenchSettings, Method, TrainingBatch, train_answers
 class RoutedByRouter(LemoeAdaptor):
     """The LEMoE adaptor's experts, routed top-1 by softmax(router · key)."""
 
-    def __init__(self, base: nn.Module, hidden: int, config: EditConfig, layer: int) -> None:
-        super().__init__(base, hidden, config, layer)
+    def __init__(self, base: nn.Module, hidden: int, config: EditConfig, layer: int, key_layer: int) -> None:
+        super().__init__(base, hidden, config, layer, key_layer)
         self.router = nn.ParameterList()
         self.router_logits: torch.Tensor | None = None
+        self.fixed_keys: torch.Tensor | None = None  # while training replays the layers below this one
 
     def add_routed_expert(self) -> int:
         index = self.add_expert(rank=self.config.rank)
@@ -42,7 +43,7 @@ class RoutedByRouter(LemoeAdaptor):
 
     def _route_prefill(self, x: torch.Tensor) -> RoutingDecision:
         prompt_mask, last_prompt_token = self.prompt_layout()
-        self.last_keys = prompt_keys(x, prompt_mask)
+        self.last_keys = self.prefill_keys(x, prompt_mask) if self.fixed_keys is None else self.fixed_keys
         self.router_logits = self.last_keys @ torch.stack(list(self.router)).T * self.hidden**0.5
         gates, experts = torch.softmax(self.router_logits, dim=-1).max(dim=-1)
         return RoutingDecision(experts, last_prompt_token, gates, self.last_keys)
@@ -56,8 +57,10 @@ class LearnedRouterMoE(Method):
     def __init__(self, model, tokenizer, settings: BenchSettings) -> None:
         super().__init__(model, tokenizer, settings)
         self.config = EditConfig(layer=settings.layer, seed=settings.seed)
-        self.adaptor = insert(model, lambda mlp, hidden: RoutedByRouter(mlp, hidden, self.config, settings.layer),
-                              settings.layer)
+        # LEMoE's key layer, so `lemoe-learned-router` against LEMoE changes the router alone.
+        key_layer = self.config.resolved_key_layer(len(decoder_layers(model)))
+        self.adaptor = insert(model, lambda mlp, hidden: RoutedByRouter(mlp, hidden, self.config, settings.layer,
+                                                                        key_layer), settings.layer)
 
     def edit(self, batch: list[Fact]) -> None:
         torch.manual_seed(self.settings.seed + len(self.adaptor.experts))
@@ -71,8 +74,16 @@ class LearnedRouterMoE(Method):
         def router_loss() -> torch.Tensor:
             return nn.functional.cross_entropy(self.adaptor.router_logits, target)
 
-        train_answers(self.model, TrainingBatch.of_facts(self.tokenizer, batch, model_device(self.model)),
-                      parameters, self.settings, lr=self.lr, extra_loss=router_loss)
+        rows = TrainingBatch.of_facts(self.tokenizer, batch, model_device(self.model))
+        # Training replays the layers below the adaptor, the key layer among them: read the keys once.
+        with torch.no_grad(), self.adaptor.teacher_forcing(rows.prompt_lengths):
+            self.model(input_ids=rows.ids, attention_mask=rows.mask, position_ids=positions(rows.mask),
+                       logits_to_keep=1)
+        self.adaptor.fixed_keys = self.adaptor.last_keys
+        try:
+            train_answers(self.model, rows, parameters, self.settings, lr=self.lr, extra_loss=router_loss)
+        finally:
+            self.adaptor.fixed_keys = None
         for p in parameters:
             p.requires_grad_(False)
         expert_bytes = sum(p.numel() * p.element_size() for p in self.adaptor.experts[new].parameters())
@@ -80,5 +91,5 @@ class LearnedRouterMoE(Method):
 
 
 class LearnedRouterFrozenExperts(LearnedRouterMoE):
-    name = "lemoe-no-kv"
+    name = "lemoe-learned-router"
     freeze = True

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..editing.batching import Pair
-from ..editing.metrics import BaseGenerations, base_generations, evaluate, locality_pairs, locality_predictions
+from ..editing.metrics import (BaseGenerations, base_generations, evaluate, locality_pairs, locality_predictions,
+                               target_perplexities)
 from ..schemas.facts import Fact
-from . import PROTOCOLS
+from . import PROTOCOLS, TITLES
 from .base import BenchSettings, Method
 from .ftl import FineTuneLayer
 from .grace import Grace
@@ -38,8 +39,8 @@ if TYPE_CHECKING:
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (Lemoe, FineTuneLayer, Grace, Wise, Memoir, LearnedRouterMoE, LemoeNoPlan, LearnedRouterFrozenExperts,
-                LemoePaperRouting)
+    for cls in (Lemoe, LemoePaperRouting, LemoeNoPlan, LearnedRouterFrozenExperts, LearnedRouterMoE, FineTuneLayer,
+                Grace, Wise, Memoir)
 }
 
 
@@ -57,9 +58,13 @@ class Result:
     seconds: float  # editing only (planning and training), not scoring
     s_per_edit: float
     bytes_per_edit: float
+    portability: float | None = None  # questions that follow from the edit (ZsRE), teacher-forced
+    ppl: float | None = None  # the target's perplexity after the edit prompt (long-form edits' metric)
+    base_ppl: float | None = None
     wild_rel: float | None = None
     wild_gen: float | None = None
     wild_loc: float | None = None
+    wild_portability: float | None = None
     wild_mean: float | None = None
     fluency: float | None = None
     base_fluency: float | None = None
@@ -101,7 +106,8 @@ def make_method(name: str, model, tokenizer, settings: BenchSettings, irrelevant
 
 
 def run_one(mode: str, name: str, model, tokenizer, facts: list[Fact], batch_size: int, settings: BenchSettings,
-            irrelevant: list[Pair], base_locality: list[list[int]], base: BaseGenerations | None = None) -> Result:
+            irrelevant: list[Pair], base_locality: list[list[int]], base_perplexities: list[float],
+            base: BaseGenerations | None = None) -> Result:
     """One method at one T; `base` (the unedited model's generations for `facts`) turns on the WILD protocol."""
     torch.manual_seed(settings.seed)
     method = make_method(name, model, tokenizer, settings, irrelevant)
@@ -112,16 +118,16 @@ def run_one(mode: str, name: str, model, tokenizer, facts: list[Fact], batch_siz
             method.edit(batch)
         seconds = time.perf_counter() - began
         scores = evaluate(method.model_for_eval(), tokenizer, facts, base_locality=base_locality,
-                          generate=base is not None, base=base)
+                          generate=base is not None, base=base, base_perplexities=base_perplexities)
     finally:
         method.close()
     rounded = scores.to_dict()
-    wild = {k: rounded[k] for k in ("wild_rel", "wild_gen", "wild_loc", "fluency", "base_fluency", "degenerate",
-                                    "base_degenerate")}
+    wild = {k: rounded[k] for k in ("wild_rel", "wild_gen", "wild_loc", "wild_portability", "fluency", "base_fluency",
+                                    "degenerate", "base_degenerate")}
     return Result(mode, name, len(facts), batch_size if mode == "lifelong" else len(facts), len(batches),
                   rounded["rel"], rounded["gen"], rounded["loc"], round(scores.mean, 4),
                   round(seconds, 2), round(seconds / len(facts), 3), round(method.bytes_added / len(facts)),
-                  wild_mean=None if scores.wild_mean is None else round(scores.wild_mean, 4), **wild)
+                  rounded["portability"], rounded["ppl"], rounded["base_ppl"], wild_mean=None if scores.wild_mean is None else round(scores.wild_mean, 4), **wild)
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,7 @@ class Cell:
     settings: BenchSettings
     irrelevant: list[Pair]
     base_locality: list[list[int]]
+    base_perplexities: list[float]
     base: BaseGenerations | None
     model: str = ""  # for a worker: the model's id or directory, and where it runs
     device: str = "cpu"
@@ -155,7 +162,7 @@ def run_cell(cell: Cell, model=None, tokenizer=None) -> Result:
         model, tokenizer = worker_model(cell.model, cell.device)
     facts = [Fact.from_record(record) for record in cell.facts]
     return run_one(cell.mode, cell.method, model, tokenizer, facts, cell.batch_size, cell.settings, cell.irrelevant,
-                   cell.base_locality, cell.base)
+                   cell.base_locality, cell.base_perplexities, cell.base)
 
 
 def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str], sizes: list[int], batch_size: int,
@@ -173,6 +180,7 @@ def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str],
     if max(sizes) > len(facts):
         raise ValueError(f"T = {max(sizes)} but the data holds {len(facts)} facts")
     base_all = locality_predictions(model, tokenizer, facts[: max(sizes)])
+    base_perplexities = target_perplexities(model, tokenizer, facts[: max(sizes)])
     generated = base_generations(model, tokenizer, facts[: max(sizes)]) if protocol != "tf" else None
     cells = []
     for name in methods:
@@ -182,8 +190,8 @@ def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str],
             generations = generated and BaseGenerations(generated.locality[:localities],
                                                         generated.continuations[:size])
             cells.append(Cell(len(cells), mode, name, [f.to_record() for f in subset], batch_size, settings,
-                              irrelevant, base_all[:localities], generations, model_name, device,
-                              getattr(workers, "threads", 1)))
+                              irrelevant, base_all[:localities], base_perplexities[:size], generations, model_name,
+                              device, getattr(workers, "threads", 1)))
     if workers is None:
         outcomes = _in_turn(cells, model, tokenizer, on_start)
     else:
@@ -212,7 +220,8 @@ def save(results: list[Result], out_dir: Path, meta: dict) -> tuple[Path, Path]:
     """results.json (with the run's settings) and a PNG of Rel / Gen / Loc against T per method."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "results.json"
-    json_path.write_text(json.dumps({**meta, "results": [asdict(r) for r in results]}, indent=2) + "\n")
+    rows = [{"title": TITLES[r.method], **asdict(r)} for r in results]
+    json_path.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
     png_path = out_dir / "results.png"
     plot(results, png_path, title=f"{meta.get('mode', '')} editing, {meta.get('data', '')}")
     return json_path, png_path
@@ -233,7 +242,7 @@ def plot(results: list[Result], path: Path, title: str = "") -> None:
             ordered = sorted((r for r in results if r.method == method), key=lambda r: r.T)
             points = [(r.T, getattr(r, metric)) for r in ordered if getattr(r, metric) is not None]
             if points:
-                axis.plot(*zip(*points), marker="o", label=method)
+                axis.plot(*zip(*points), marker="o", label=TITLES[method])
         axis.set_xscale("log")
         axis.set_xlabel("T (edits)")
         axis.set_title(metric_title)

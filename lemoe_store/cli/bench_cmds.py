@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from .. import models
-from ..bench import DEFAULT_METHODS, PROTOCOLS
+from ..bench import DEFAULT_METHODS, PROTOCOLS, TITLES
 from ..schemas.facts import load_facts
 from .output import console, err_console, fmt, print_json
 
@@ -20,11 +20,13 @@ if TYPE_CHECKING:  # the benchmark (torch) loads only when it runs
 bench_app = typer.Typer(help="Benchmark LEMoE against prior editors on the same model and data.",
                         no_args_is_help=True)
 
-Methods = Annotated[str, typer.Option("--methods", help="Comma-separated: lemoe, ft-l, grace, wise, memoir, moe, "
-                                                        "lemoe-no-plan, lemoe-no-kv, lemoe-kv-paper.")]
+Methods = Annotated[str, typer.Option("--methods", help="Comma-separated ids: " + "; ".join(
+    f"{name} ({title})" for name, title in TITLES.items()) + ".")]
 Data = Annotated[Path, typer.Option("--data", help="ZsRE / CounterFact / native facts file.")]
 Irrelevant = Annotated[Path, typer.Option(
     "--irrelevant", help="Facts whose locality prompts WISE may train on as 'irrelevant' inputs (never edited).")]
+Records = Annotated[str | None, typer.Option(
+    "--records", metavar="START:END", help="Only these records of --data (e.g. 500:1000, CounterFact's reporting half).")]
 Model = Annotated[str, typer.Option("--model", help="Embedded model name or a local HF model directory.")]
 Layer = Annotated[int, typer.Option("--layer", help="The edited layer, for every method.")]
 Out = Annotated[Path, typer.Option("--out", help="Folder for results.json and results.png.")]
@@ -48,14 +50,27 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _run(mode: str, methods: str, sizes: str, data: Path, irrelevant: Path, batch_size: int, model: str, layer: int,
-         out: Path, json_: bool, protocol: str, workers: int, ray: str | None) -> None:
+def _records(text: str | None) -> slice:
+    if text is None:
+        return slice(None)
+    try:
+        first, last = (int(part) if part.strip() else None for part in text.split(":"))
+    except ValueError:
+        raise typer.BadParameter(f"--records takes START:END (e.g. 500:1000), not {text!r}") from None
+    return slice(first, last)
+
+
+def _run(mode: str, methods: str, sizes: str, data: Path, records: str | None, irrelevant: Path, batch_size: int,
+         model: str, layer: int, out: Path, json_: bool, protocol: str, workers: int, ray: str | None) -> None:
     from ..bench import BenchSettings, code_version, irrelevant_pool, run_grid, save
     from ..parallel import workers_for
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"--protocol takes one of {', '.join(PROTOCOLS)}, not {protocol!r}")
-    facts = load_facts(data, skipped=[])
+    facts = load_facts(data, skipped=[])[_records(records)]
+    if max(_sizes(sizes)) > len(facts):
+        raise typer.BadParameter(f"--T {max(_sizes(sizes))} is more than the {len(facts)} facts of {data}"
+                                 + (f" [{records}]" if records else ""))
     irrelevant_facts = load_facts(irrelevant, skipped=[])
     cell_workers = workers_for(workers, ray)
     base, tokenizer = models.load_model(model, device="auto")
@@ -63,7 +78,7 @@ def _run(mode: str, methods: str, sizes: str, data: Path, irrelevant: Path, batc
     names = [m.strip() for m in methods.split(",") if m.strip()]
     began = time.perf_counter()
 
-    meta = {"mode": mode, "data": str(data), "model": model, "layer": layer, "batch_size": batch_size,
+    meta = {"mode": mode, "data": str(data), "records": records, "model": model, "layer": layer, "batch_size": batch_size,
             "protocol": protocol, "commit": code_version(), "workers": "ray" if ray is not None else workers}
     done: list[Result] = []
 
@@ -89,15 +104,19 @@ def _run(mode: str, methods: str, sizes: str, data: Path, irrelevant: Path, batc
 def _table(results: list[Result], title: str) -> Table:
     table = Table(title=title)
     wild = any(r.wild_rel is not None for r in results)
-    columns = ["method", "T", "batch", "Rel", "Gen", "Loc", "mean"]
-    columns += ["WILD Rel", "WILD Gen", "WILD Loc", "WILD mean", "fluency (base)"] if wild else []
-    for column in columns + ["s/edit", "bytes/edit"]:
-        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
+    ported = any(r.portability is not None for r in results)  # only data with portability questions has them
+    columns = ["method", "T", "batch", "Rel", "Gen", "Loc", "mean"] + ["Port."] * ported + ["PPL (base)"]
+    columns += ["WILD Rel", "WILD Gen", "WILD Loc", "WILD mean"] + ["WILD Port."] * ported if wild else []
+    columns += ["fluency (base)"] * wild + ["s/edit", "bytes/edit"]
+    for column in columns:
+        # The method's name wraps in a narrow terminal; the figures never do.
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column != "method")
     for r in results:
-        cells = [r.method, str(r.T), str(r.batch_size), fmt(r.rel), fmt(r.gen), fmt(r.loc), fmt(r.mean)]
+        cells = [TITLES[r.method], str(r.T), str(r.batch_size), fmt(r.rel), fmt(r.gen), fmt(r.loc), fmt(r.mean)]
+        cells += [fmt(r.portability)] * ported + [f"{fmt(r.ppl, 2)} ({fmt(r.base_ppl, 2)})"]
         if wild:
-            cells += [fmt(r.wild_rel), fmt(r.wild_gen), fmt(r.wild_loc), fmt(r.wild_mean),
-                      f"{fmt(r.fluency, 2)} ({fmt(r.base_fluency, 2)})"]
+            cells += [fmt(r.wild_rel), fmt(r.wild_gen), fmt(r.wild_loc), fmt(r.wild_mean)]
+            cells += [fmt(r.wild_portability)] * ported + [f"{fmt(r.fluency, 2)} ({fmt(r.base_fluency, 2)})"]
         table.add_row(*cells, fmt(r.s_per_edit), f"{r.bytes_per_edit:,.0f}")
     return table
 
@@ -107,24 +126,26 @@ def lifelong(
     methods: Methods = ",".join(DEFAULT_METHODS),
     sizes: Annotated[str, typer.Option("--T", help="Comma-separated numbers of sequential edits.")] = "1,10,100",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Facts per edit batch.")] = 10,
-    data: Data = DEFAULT_DATA, irrelevant: Irrelevant = DEFAULT_POOL, model: Model = models.DEFAULT_MODEL,
+    data: Data = DEFAULT_DATA, records: Records = None, irrelevant: Irrelevant = DEFAULT_POOL,
+    model: Model = models.DEFAULT_MODEL,
     layer: Layer = 18, out: Out = Path("bench-results/lifelong"), json_: JsonFlag = False, protocol: Protocol = "tf",
     workers: Workers = 1, ray: Ray = None,
 ) -> None:
     """Edit the first T facts batch after batch, then score all T (Rel/Gen/Loc, s and bytes per edit)."""
-    _run("lifelong", methods, sizes, data, irrelevant, batch_size, model, layer, out, json_, protocol, workers, ray)
+    _run("lifelong", methods, sizes, data, records, irrelevant, batch_size, model, layer, out, json_, protocol, workers, ray)
 
 
 @bench_app.command()
 def batch(
     methods: Methods = ",".join(DEFAULT_METHODS),
     sizes: Annotated[str, typer.Option("--T", help="Comma-separated batch sizes (one batch each).")] = "10,100",
-    data: Data = DEFAULT_DATA, irrelevant: Irrelevant = DEFAULT_POOL, model: Model = models.DEFAULT_MODEL,
+    data: Data = DEFAULT_DATA, records: Records = None, irrelevant: Irrelevant = DEFAULT_POOL,
+    model: Model = models.DEFAULT_MODEL,
     layer: Layer = 18, out: Out = Path("bench-results/batch"), json_: JsonFlag = False, protocol: Protocol = "tf",
     workers: Workers = 1, ray: Ray = None,
 ) -> None:
     """Edit the first T facts as one single batch, then score them."""
-    _run("batch", methods, sizes, data, irrelevant, 0, model, layer, out, json_, protocol, workers, ray)
+    _run("batch", methods, sizes, data, records, irrelevant, 0, model, layer, out, json_, protocol, workers, ray)
 
 
 def register(app: typer.Typer) -> None:

@@ -245,12 +245,16 @@ class LemoeAdaptor(nn.Module):
             return [[] for _ in range(prompt_mask.shape[0])]
         return [row[mask].tolist() for row, mask in zip(input_ids, prompt_mask.to(input_ids.device))]
 
-    def _route_prefill(self, x: torch.Tensor) -> RoutingDecision:
-        prompt_mask, last_prompt_token = self.prompt_layout()
+    def prefill_keys(self, x: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """At prefill: the prompts' routing keys (B, H), from the key layer's MLP input (this layer's is `x`)."""
         key_input, self._key_input = (x if self.key_layer == self.layer else self._key_input), None
         if key_input is None or key_input.shape[:2] != x.shape[:2]:
             raise RuntimeError(f"no input of key layer {self.key_layer} was recorded for this prefill")
-        self.last_keys = prompt_keys(key_input, prompt_mask)
+        return prompt_keys(key_input, prompt_mask)
+
+    def _route_prefill(self, x: torch.Tensor) -> RoutingDecision:
+        prompt_mask, last_prompt_token = self.prompt_layout()
+        self.last_keys = self.prefill_keys(x, prompt_mask)
         if self.paper_router is not None and len(self.paper_router.keys):
             gates, experts = torch.softmax(self.paper_router.logits(self.last_keys), dim=-1).max(dim=-1)
             self.last_routes = [Route(int(e), float(g), -1) for e, g in zip(experts, gates)]

@@ -58,16 +58,29 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
+@dataclass
+class TeacherForced:
+    """One pair read teacher-forced: the argmax at each answer position, and the answer's mean NLL (nats)."""
+
+    predictions: list[int]
+    nll: float
+
+
 def teacher_forced_predictions(model, tokenizer, pairs: list[Pair], batch_size: int = 16) -> list[list[int]]:
-    """For each pair, the model's argmax at each answer position, given the true answer prefix.
+    """For each pair, the model's argmax at each answer position, given the true answer prefix."""
+    return [row.predictions for row in teacher_forced(model, tokenizer, pairs, batch_size)]
+
+
+@torch.no_grad()
+def teacher_forced(model, tokenizer, pairs: list[Pair], batch_size: int = 16) -> list[TeacherForced]:
+    """Each pair's answer read with the true answer prefix: argmax per position and mean NLL.
 
     If the model carries a LEMoE adaptor, routing uses the prompt tokens only, exactly as generation
     would (the answer tokens are not part of the routing key).
     """
     adaptor: LemoeAdaptor | None = find_adaptor(model)
     device = model_device(model)
-    predictions: list[list[int]] = []
+    rows: list[TeacherForced] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         ids, mask = left_pad([p.prompt + p.answer for p in chunk], tokenizer.pad_token_id, device)
@@ -78,12 +91,13 @@ def teacher_forced_predictions(model, tokenizer, pairs: list[Pair], batch_size: 
                 logits = model(**kwargs).logits
         else:
             logits = model(**kwargs).logits
-        argmax = logits.argmax(dim=-1)
         width = ids.shape[1]
         for row, pair in enumerate(chunk):
-            first_answer = width - len(pair.answer)
-            predictions.append(argmax[row, first_answer - 1 : width - 1].tolist())
-    return predictions
+            answer_logits = logits[row, width - len(pair.answer) - 1 : width - 1].float()
+            answer = torch.tensor(pair.answer, device=answer_logits.device)
+            nll = torch.nn.functional.cross_entropy(answer_logits, answer)
+            rows.append(TeacherForced(answer_logits.argmax(dim=-1).tolist(), float(nll)))
+    return rows
 
 
 @torch.no_grad()

@@ -22,6 +22,9 @@ MAX_ARRAY_BYTES = 256 << 20  # JSON arrays are parsed whole: beyond this, ask fo
 
 @dataclass(frozen=True)
 class Locality:
+    """A prompt and the answer expected after it: a locality probe (its answer must not change) or a
+    portability probe (a question whose answer follows from the edit)."""
+
     prompt: str
     answer: str
 
@@ -31,7 +34,9 @@ class Fact:
     """One edit: after it, `prompt` should be completed by `target`.
 
     `rephrases` are other wordings of the prompt (used for generalisation and, if the editor is told to,
-    as extra routing anchors); `locality` pairs are unrelated prompts whose answers must not change.
+    as extra routing anchors); `locality` pairs are unrelated prompts whose answers must not change;
+    `portability` pairs are questions that depend on the edited fact (EasyEdit's portability: evaluation
+    data only, never trained).
     """
 
     prompt: str
@@ -40,13 +45,15 @@ class Fact:
     subject: str = ""
     rephrases: tuple[str, ...] = ()
     locality: tuple[Locality, ...] = field(default_factory=tuple)
+    portability: tuple[Locality, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         # Lists and dicts, as from JSON, become the tuples and Locality pairs a frozen Fact holds.
         object.__setattr__(self, "rephrases", tuple(self.rephrases))
-        object.__setattr__(self, "locality", tuple(
-            loc if isinstance(loc, Locality) else Locality(**loc) if isinstance(loc, dict) else Locality(*loc)
-            for loc in self.locality))
+        for name in ("locality", "portability"):
+            object.__setattr__(self, name, tuple(
+                pair if isinstance(pair, Locality) else Locality(**pair) if isinstance(pair, dict) else Locality(*pair)
+                for pair in getattr(self, name)))
         if not self.id:
             digest = hashlib.sha256(f"{self.prompt}\0{self.target}".encode()).hexdigest()
             object.__setattr__(self, "id", f"f{digest[:12]}")
@@ -56,6 +63,7 @@ class Fact:
         record = asdict(self)
         record["rephrases"] = list(self.rephrases)
         record["locality"] = [asdict(loc) for loc in self.locality]
+        record["portability"] = [asdict(pair) for pair in self.portability]
         return {k: v for k, v in record.items() if v not in ("", [], ())}
 
     @classmethod
@@ -67,6 +75,7 @@ class Fact:
             subject=record.get("subject", ""),
             rephrases=tuple(record.get("rephrases", ())),
             locality=tuple(Locality(**loc) for loc in record.get("locality", ())),
+            portability=tuple(Locality(**pair) for pair in record.get("portability", ())),
         )
 
 
@@ -93,6 +102,9 @@ def _zsre(record: dict) -> dict:
         native["rephrases"] = [record["rephrase"]]
     if record.get("loc") and record.get("loc_ans"):
         native["locality"] = [{"prompt": record["loc"], "answer": record["loc_ans"]}]
+    portability = record.get("portability")
+    if isinstance(portability, dict) and portability.get("New Question") and portability.get("New Answer"):
+        native["portability"] = [{"prompt": portability["New Question"], "answer": portability["New Answer"]}]
     return native
 
 
@@ -142,8 +154,9 @@ def _native(record: object, source: str, line: int, fmt: str = "auto") -> Fact:
         raise FactsError(f"{where}: {problem}")
     texts = {"prompt": native["prompt"], "target": native["target"]}
     texts.update({f"rephrases.{i}": r for i, r in enumerate(native.get("rephrases", []))})
-    for i, loc in enumerate(native.get("locality", [])):
-        texts.update({f"locality.{i}.prompt": loc["prompt"], f"locality.{i}.answer": loc["answer"]})
+    for name in ("locality", "portability"):
+        for i, pair in enumerate(native.get(name, [])):
+            texts.update({f"{name}.{i}.prompt": pair["prompt"], f"{name}.{i}.answer": pair["answer"]})
     for name, value in texts.items():
         _check_text(value, f"{where}: {name}")
     return Fact.from_record(native)
