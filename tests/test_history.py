@@ -169,9 +169,11 @@ def test_eval_generate_prints_both_protocols_and_real_answers(repo):
     assert result.exit_code == 0, result.output
     scores = json.loads(result.output)
     keys = ("rel", "gen", "loc", "wild_rel", "wild_gen", "wild_loc", "fluency", "base_fluency", "degenerate",
-            "base_degenerate")
+            "base_degenerate", "ppl", "base_ppl")
     assert all(isinstance(scores[k], float) for k in keys)
+    assert scores["ppl"] < scores["base_ppl"]  # the committed targets became likelier
+    assert scores["portability"] is None  # these facts carry no portability questions
     assert scores["wild_loc"] == 1.0  # the locality prompts route to no expert: answers identical to base
     assert {s["kind"] for s in scores["samples"]} == {"edit", "rephrase", "locality"}
     table = runner.invoke(app, ["eval", "--generate", "--samples", "1", *store]).output
-    assert "WILD Rel" in table and "continues:" in table and "base:" in table
+    assert "WILD Rel" in table and "continues:" in table and "base:" in table and "PPL" in table

@@ -251,13 +251,18 @@ def eval_(
     if json_:
         print_json({**scores.to_dict(), **({"samples": scores.samples} if samples else {})})
         return
-    table = Table("facts", "Rel", "Gen", "Loc", "routed: edit", "rephrase", "locality→none")
-    table.add_row(str(scores.facts), *(fmt(v) for v in (scores.rel, scores.gen, scores.loc, scores.routing_edit,
-                                                        scores.routing_rephrase, scores.routing_locality)))
+    ported = scores.portability is not None  # only facts with portability questions have it
+    table = Table("facts", "Rel", "Gen", "Loc", *["Port."] * ported, "PPL (base)", "routed: edit", "rephrase",
+                  "locality→none")
+    table.add_row(str(scores.facts), *(fmt(v) for v in (scores.rel, scores.gen, scores.loc)),
+                  *[fmt(scores.portability)] * ported, f"{fmt(scores.ppl, 2)} ({fmt(scores.base_ppl, 2)})",
+                  *(fmt(v) for v in (scores.routing_edit, scores.routing_rephrase, scores.routing_locality)))
     console.print(table)
     if generate:
-        wild = Table("WILD Rel", "WILD Gen", "WILD Loc", "fluency (base)", "degenerate (base)")
+        wild = Table("WILD Rel", "WILD Gen", "WILD Loc", *["WILD Port."] * ported, "fluency (base)",
+                     "degenerate (base)")
         wild.add_row(fmt(scores.wild_rel), fmt(scores.wild_gen), fmt(scores.wild_loc),
+                     *[fmt(scores.wild_portability)] * ported,
                      f"{fmt(scores.fluency)} ({fmt(scores.base_fluency)})",
                      f"{fmt(scores.degenerate)} ({fmt(scores.base_degenerate)})")
         console.print(wild)
@@ -269,7 +274,7 @@ def _print_samples(samples: list[dict], per_kind: int) -> None:
     def one_line(text: str) -> str:  # a continuation's newlines shown, not obeyed
         return text.replace("\n", "\\n")
 
-    for kind in ("edit", "rephrase", "locality"):
+    for kind in ("edit", "rephrase", "locality", "portability"):
         for sample in [s for s in samples if s["kind"] == kind][:per_kind]:
             console.print(f"[dim]{kind:>8}[/] [bold]{sample['prompt']}[/]{sample['answer']}", highlight=False)
             if kind == "edit":
