@@ -127,7 +127,8 @@ def run_one(mode: str, name: str, model, tokenizer, facts: list[Fact], batch_siz
     return Result(mode, name, len(facts), batch_size if mode == "lifelong" else len(facts), len(batches),
                   rounded["rel"], rounded["gen"], rounded["loc"], round(scores.mean, 4),
                   round(seconds, 2), round(seconds / len(facts), 3), round(method.bytes_added / len(facts)),
-                  rounded["portability"], rounded["ppl"], rounded["base_ppl"], wild_mean=None if scores.wild_mean is None else round(scores.wild_mean, 4), **wild)
+                  rounded["portability"], rounded["ppl"], rounded["base_ppl"],
+                  wild_mean=None if scores.wild_mean is None else round(scores.wild_mean, 4), **wild)
 
 
 @dataclass(frozen=True)

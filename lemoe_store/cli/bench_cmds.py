@@ -67,9 +67,10 @@ def _run(mode: str, methods: str, sizes: str, data: Path, records: str | None, i
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"--protocol takes one of {', '.join(PROTOCOLS)}, not {protocol!r}")
+    counts = _sizes(sizes)
     facts = load_facts(data, skipped=[])[_records(records)]
-    if max(_sizes(sizes)) > len(facts):
-        raise typer.BadParameter(f"--T {max(_sizes(sizes))} is more than the {len(facts)} facts of {data}"
+    if max(counts) > len(facts):
+        raise typer.BadParameter(f"--T {max(counts)} is more than the {len(facts)} facts of {data}"
                                  + (f" [{records}]" if records else ""))
     irrelevant_facts = load_facts(irrelevant, skipped=[])
     cell_workers = workers_for(workers, ray)
@@ -78,8 +79,9 @@ def _run(mode: str, methods: str, sizes: str, data: Path, records: str | None, i
     names = [m.strip() for m in methods.split(",") if m.strip()]
     began = time.perf_counter()
 
-    meta = {"mode": mode, "data": str(data), "records": records, "model": model, "layer": layer, "batch_size": batch_size,
-            "protocol": protocol, "commit": code_version(), "workers": "ray" if ray is not None else workers}
+    meta = {"mode": mode, "data": str(data), "records": records, "model": model, "layer": layer,
+            "batch_size": batch_size, "protocol": protocol, "commit": code_version(),
+            "workers": "ray" if ray is not None else workers}
     done: list[Result] = []
 
     def started(name: str, size: int) -> None:
@@ -89,7 +91,7 @@ def _run(mode: str, methods: str, sizes: str, data: Path, records: str | None, i
         done.append(result)
         save(done, out, {**meta, "seconds_total": round(time.perf_counter() - began, 1)})
 
-    results = run_grid(mode, base, tokenizer, facts, names, _sizes(sizes), batch_size, settings,
+    results = run_grid(mode, base, tokenizer, facts, names, counts, batch_size, settings,
                        irrelevant_pool(tokenizer, irrelevant_facts), on_start=started, on_result=finished, protocol=protocol,
                        workers=cell_workers, model_name=model, device=str(models.resolve_device("auto")))
     meta["seconds_total"] = round(time.perf_counter() - began, 1)

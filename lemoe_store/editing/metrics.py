@@ -123,7 +123,8 @@ def evaluate(model, tokenizer, facts: list[Fact], batch_size: int = 16,
     if base_perplexities is None and adaptor is not None:
         base_perplexities = _base_perplexities(model, tokenizer, edit_pairs, batch_size)
     scores = Scores(rel=mean(rel) or 0.0, gen=mean(gen), loc=mean(loc), facts=len(facts),
-                    portability=mean(portability), ppl=mean([math.exp(row.nll) for row in edits]), base_ppl=mean(base_perplexities or []))
+                    portability=mean(portability), ppl=mean([math.exp(row.nll) for row in edits]),
+                    base_ppl=mean(base_perplexities or []))
     if adaptor is not None and adaptor.anchor_facts:  # routed by anchors (not a peer editor's own router)
         _routing_accuracy(adaptor, tokenizer, facts, scores, model)
     if generate:
