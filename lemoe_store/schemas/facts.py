@@ -74,8 +74,8 @@ class Fact:
             id=record.get("id", ""),
             subject=record.get("subject", ""),
             rephrases=tuple(record.get("rephrases", ())),
-            locality=tuple(Locality(**loc) for loc in record.get("locality", ())),
-            portability=tuple(Locality(**pair) for pair in record.get("portability", ())),
+            locality=record.get("locality", ()),  # dicts: __post_init__ makes them Locality pairs
+            portability=record.get("portability", ()),
         )
 
 
