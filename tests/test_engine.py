@@ -223,6 +223,23 @@ def test_keys_are_read_at_the_key_layer(llama):
     assert not torch.allclose(keys, keys_at_adaptor)
 
 
+@pytest.mark.parametrize("key_layer", [1, 2])
+def test_reading_keys_stops_at_the_key_layer_with_the_keys_a_full_forward_routes_on(llama, key_layer):
+    model, tokenizer = llama
+    prompts = [f.prompt for f in tiny_facts()[:4]]
+    editor = Editor(model, tokenizer, EditConfig(**{**CONFIG, "key_layer": key_layer}))
+    ran = []
+    handle = model.model.layers[key_layer + 1].register_forward_pre_hook(lambda *_: ran.append(True))
+    try:
+        keys = editor.keys(prompts)  # one padded batch
+    finally:
+        handle.remove()
+    assert ran == []  # no layer above the key layer ran
+    for prompt, key in zip(prompts, keys):
+        _logits(model, tokenizer, prompt)  # a whole forward, as `ask` runs it
+        assert torch.allclose(key, editor.adaptor.last_keys[0], atol=1e-5)
+
+
 def test_settings_saved_before_key_layers_keep_keys_at_the_adaptor_layer():
     saved = {k: v for k, v in EditConfig(layer=18, threshold=0.9).to_dict().items() if k != "key_layer"}
     assert EditConfig.from_dict(saved).resolved_key_layer(30) == 18

@@ -128,6 +128,10 @@ def _mlp_name(layer: nn.Module) -> str:
     raise ModelError(f"cannot find the MLP of {type(layer).__name__} (looked for {', '.join(_MLP_NAMES)})")
 
 
+class KeysRead(Exception):
+    """Ends a forward run under `LemoeAdaptor.reading_keys()` once its routing keys are known."""
+
+
 class LemoeAdaptor(nn.Module):
     """Wraps one MLP; holds the frozen experts, their anchor index and the per-sequence routing."""
 
@@ -150,6 +154,7 @@ class LemoeAdaptor(nn.Module):
         self._prompt_lengths: torch.Tensor | None = None
         self._key_input: torch.Tensor | None = None
         self._bypass = False
+        self._reading_keys = False
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     def _paper_router(self) -> PaperRouter:
@@ -200,6 +205,8 @@ class LemoeAdaptor(nn.Module):
         """Called with the key layer's MLP input on every forward; kept only at prefill."""
         if self._prefill is not None and not self._bypass:
             self._key_input = x
+            if self._reading_keys:
+                self._keys_read(x)
 
     @contextmanager
     def teacher_forcing(self, prompt_lengths: torch.Tensor) -> Iterator[None]:
@@ -209,6 +216,22 @@ class LemoeAdaptor(nn.Module):
             yield
         finally:
             self._prompt_lengths = None
+
+    @contextmanager
+    def reading_keys(self) -> Iterator[None]:
+        """Within: a prefill stops, raising `KeysRead`, as soon as its routing keys are in `last_keys`, so
+        the layers above the key layer are not run (planning, blame and routing statistics need no more)."""
+        self._reading_keys = True
+        try:
+            yield
+        finally:
+            self._reading_keys = False
+
+    def _keys_read(self, key_input: torch.Tensor) -> None:
+        prompt_mask, _ = self.prompt_layout()
+        self.last_keys = prompt_keys(key_input, prompt_mask)
+        self._prefill = self._key_input = None
+        raise KeysRead
 
     @contextmanager
     def forced(self, decision: RoutingDecision) -> Iterator[None]:
@@ -265,6 +288,8 @@ class LemoeAdaptor(nn.Module):
                                span=self.anchors.spans_of(self.last_routes).to(x.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._reading_keys and self._prefill is not None and not self._bypass:
+            self._keys_read(x)  # the keys are read at this layer's own input
         out = self.base(x)
         if self._bypass:
             return out

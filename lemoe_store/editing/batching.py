@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from ..errors import FactsError
-from .adaptor import LemoeAdaptor, find_adaptor
+from .adaptor import KeysRead, LemoeAdaptor, find_adaptor
 
 
 @dataclass(frozen=True)
@@ -100,31 +101,61 @@ def teacher_forced(model, tokenizer, pairs: list[Pair], batch_size: int = 16) ->
     return rows
 
 
+def prompt_prefix(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the K/V cache of left-padded prompts without their last token: the base model's at every
+    layer whatever the adaptor routes, since an expert acts from the last prompt token on."""
+    return [(k[..., :-1, :].detach(), v[..., :-1, :].detach()) for k, v, *_ in cache]
+
+
 @torch.no_grad()
 def greedy_continuations(model, tokenizer, pairs: list[Pair], tokens: int) -> list[tuple[list[int], torch.Tensor]]:
     """For each pair, the model's next `tokens` greedy tokens after prompt + answer, and its log-probabilities
     (tokens, vocab) at each of those positions (run on the base model: what an edit should leave alone)."""
-    ids, mask = left_pad([p.prompt + p.answer for p in pairs], tokenizer.pad_token_id, model_device(model))
-    position = positions(mask)
-    # One pass over prompt + answer, then a token at a time on its K/V cache; logits at the last position only.
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+    ids, mask = left_pad([p.prompt for p in pairs], tokenizer.pad_token_id, model_device(model))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
+    return continue_after_answers(model, pairs, mask, prompt_prefix(out.cache), tokens, tokenizer.pad_token_id)
+
+
+@torch.no_grad()
+def continue_after_answers(model, pairs: list[Pair], prompt_mask: torch.Tensor, prefix, tokens: int,
+                           pad_id: int) -> list[tuple[list[int], torch.Tensor]]:
+    """`greedy_continuations` on the prompts' `prompt_prefix` (as an edit batch already holds it): only each
+    row's last prompt token and answer are run, then one token at a time; logits where they are read."""
+    device = prompt_mask.device
+    width = 1 + max(len(p.answer) for p in pairs)
+    chunk = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    chunk_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, pair in enumerate(pairs):
+        chunk[row, : 1 + len(pair.answer)] = torch.tensor(pair.prompt[-1:] + pair.answer)
+        chunk_mask[row, : 1 + len(pair.answer)] = 1
+    mask = torch.cat([prompt_mask[:, :-1], chunk_mask.to(device)], dim=1)
+    last_prompt = prompt_mask.sum(dim=1) - 1
+    answers = torch.tensor([len(p.answer) for p in pairs], device=device)
+    out = model.base_model(input_ids=chunk.to(device), attention_mask=mask,
+                           position_ids=last_prompt[:, None] + torch.arange(width, device=device)[None, :],
+                           cache=DynamicCache(ddp_cache_data=prefix, config=model.config), use_cache=True)
+    logits = model.get_output_embeddings()(out.last_hidden_state[torch.arange(len(pairs), device=device), answers])
+    position = (last_prompt + answers)[:, None]  # of each row's last answer token
+    cache = out.cache
     chosen: list[torch.Tensor] = []
     logprobs: list[torch.Tensor] = []
     for step in range(tokens):
-        last = out.logits[:, -1].float().log_softmax(dim=-1)
+        last = logits.float().log_softmax(dim=-1)
         logprobs.append(last.cpu())
         chosen.append(last.argmax(dim=-1, keepdim=True))
-        if step + 1 < tokens:
+        if step + 1 < tokens:  # the right padding of the chunk stays masked out
             mask = torch.cat([mask, torch.ones_like(chosen[-1])], dim=1)
-            position = position[:, -1:] + 1
-            out = model(input_ids=chosen[-1], attention_mask=mask, position_ids=position, cache=out.cache,
+            position = position + 1
+            out = model(input_ids=chosen[-1], attention_mask=mask, position_ids=position, cache=cache,
                         use_cache=True, logits_to_keep=1)
+            logits, cache = out.logits[:, -1], out.cache
     return list(zip(torch.cat(chosen, dim=1).tolist(), torch.stack(logprobs, dim=1)))  # (tokens,), (tokens, vocab)
 
 
 @torch.no_grad()
 def routing_keys(model, tokenizer, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
-    """Routing keys (N, H) of prompts, computed by the model's adaptor exactly as at inference."""
+    """Routing keys (N, H) of prompts, computed by the model's adaptor exactly as at inference (the
+    forward stops at the key layer)."""
     adaptor = find_adaptor(model)
     if adaptor is None:
         raise ValueError("the model carries no LEMoE adaptor: attach() one first")
@@ -133,7 +164,11 @@ def routing_keys(model, tokenizer, prompts: list[str], batch_size: int = 32) -> 
     for start in range(0, len(prompts), batch_size):
         rows = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
         ids, mask = left_pad(rows, tokenizer.pad_token_id, device)
-        model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False, logits_to_keep=1)
+        with adaptor.reading_keys():
+            try:
+                model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False)
+            except KeysRead:
+                pass
         out.append(adaptor.last_keys.cpu())
     return torch.cat(out)
 

@@ -20,8 +20,8 @@ from transformers import DynamicCache
 
 from ..schemas.facts import Fact
 from .adaptor import ROUTER_PREFIX, Expert, ExpertArtifact, LemoeAdaptor, RoutingDecision, attach, decoder_layers
-from .batching import (Pair, encode_pair, greedy_continuations, left_pad, model_device, positions, routing_keys,
-                       teacher_forced_predictions)
+from .batching import (Pair, continue_after_answers, encode_pair, left_pad, model_device, positions, prompt_prefix,
+                       routing_keys, teacher_forced_predictions)
 from .config import EditConfig
 from .routing import NO_EXPERT, occurs
 from .wild import greedy_texts
@@ -173,8 +173,6 @@ class Editor:
         if self.config.context_templates:
             rows += [_Row(f.id, encode_pair(self.tokenizer, prefix + f.prompt, f.target), False, own_anchor_only=True)
                      for f in facts for prefix in self.prefixes()]
-        if self.config.continuation_tokens:
-            self._add_continuations(rows)
         if self.config.locality_regulariser:
             rows += self._locality_rows(facts)
         prompt_ids, prompt_mask = left_pad([r.pair.prompt for r in rows], self.tokenizer.pad_token_id, self.device)
@@ -188,8 +186,7 @@ class Editor:
             )
         keys = self.adaptor.last_keys.cpu()
         # The last prompt token is re-run in every step (the expert acts on it): cache only what precedes it.
-        prefix = [(k[..., :-1, :].detach(), v[..., :-1, :].detach()) for k, v, *_ in out.cache]
-        return _Batch(rows, prompt_mask, keys, prefix)
+        return _Batch(rows, prompt_mask, keys, prompt_prefix(out.cache))
 
     def stand_in(self, facts: list[Fact]) -> ExpertArtifact:
         """The anchors `edit(facts)` will store, with zero weights and without training: what a parallel
@@ -211,6 +208,8 @@ class Editor:
         expert_index = len(self.adaptor.experts)
         torch.manual_seed(self.config.seed * 100_003 + expert_index)
         batch = self._prepare(facts)
+        if self.config.continuation_tokens:
+            self._add_continuations(batch)
         rows, prompt_mask, keys, prefix = batch.rows, batch.prompt_mask, batch.keys, batch.prefix
         is_anchor, anchors = batch.is_anchor, batch.anchors
         anchor_facts, anchor_spans, anchor_subjects = batch.anchor_facts, batch.anchor_spans, batch.anchor_subjects
@@ -264,12 +263,15 @@ class Editor:
         }
         return ExpertArtifact(weights, anchors.float(), anchor_facts, stats, anchor_spans, anchor_subjects)
 
-    def _add_continuations(self, rows: list[_Row]) -> None:
-        """What the base model writes after each row's answer, and its distributions there (to keep)."""
+    def _add_continuations(self, batch: _Batch) -> None:
+        """What the base model writes after each row's answer, and its distributions there (to keep); not
+        for locality rows (the last ones), whose labels are the base model's already."""
+        count = sum(1 for r in batch.rows if r.labels is None)
+        prefix = [(k[:count], v[:count]) for k, v in batch.prefix]
         with self.adaptor.bypassed():
-            found = greedy_continuations(self.model, self.tokenizer, [r.pair for r in rows],
-                                         self.config.continuation_tokens)
-        for row, (tokens, logprobs) in zip(rows, found):
+            found = continue_after_answers(self.model, [r.pair for r in batch.rows[:count]], batch.prompt_mask[:count],
+                                           prefix, self.config.continuation_tokens, self.tokenizer.pad_token_id)
+        for row, (tokens, logprobs) in zip(batch.rows, found):
             row.continuation, row.continuation_logprobs = tokens, logprobs
 
     def _locality_rows(self, facts: list[Fact]) -> list[_Row]:
