@@ -172,10 +172,15 @@ def test_cli_bench_writes_a_table_results_and_plot(tiny_llama_dir, facts_file, t
         "--irrelevant", str(facts_file), "--model", str(tiny_llama_dir), "--layer", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "GRACE" in result.output and "LEMoE with" in result.output  # each row under its method's name
-    results = json.loads((out / "results.json").read_text())["results"]
-    assert [(r["method"], r["T"]) for r in results] == [("grace", 2), ("grace", 4), ("lemoe-anchors", 2),
-                                                        ("lemoe-anchors", 4)]
+    saved = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["T"]) for r in saved["results"]] == [("grace", 2), ("grace", 4), ("lemoe-anchors", 2),
+                                                                 ("lemoe-anchors", 4)]
     assert (out / "results.png").stat().st_size > 1000
+    # every setting each method ran with: the shared ones and its own
+    assert saved["settings"]["grace"] == {"layer": 2, "max_steps": 40, "loss_floor": 0.1, "seed": 0, "lr": 1.0,
+                                          "eps_init": 3.0, "optimizer": "adam"}
+    lemoe = saved["settings"]["lemoe-anchors"]
+    assert lemoe["layer"] == 2 and lemoe["continuation_tokens"] == 1 and lemoe["anchor_rephrases"] is False
 
 
 def test_cli_bench_takes_a_slice_of_the_records(tiny_llama_dir, facts_file, tmp_path):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -63,6 +64,12 @@ class Method:
 
     name = "?"
     plans_order = False  # True: the benchmark lets the method re-order the T facts (LEMoE's planning)
+    own_settings: ClassVar[dict] = {}  # the method's own hyper-parameters (its paper's, scaled to this model)
+
+    @classmethod
+    def hyperparameters(cls, settings: BenchSettings) -> dict:
+        """Every setting this method's rows run with, as results.json records them."""
+        return {**asdict(settings), **cls.own_settings}
 
     def __init__(self, model: nn.Module, tokenizer, settings: BenchSettings) -> None:
         self.model = model

@@ -20,6 +20,7 @@ class FineTuneLayer(Method):
     name = "ft-l"
     lr = 1e-3
     eps = 2e-2
+    own_settings = {"lr": lr, "eps": eps, "optimizer": "adam"}
 
     def __init__(self, model, tokenizer, settings: BenchSettings) -> None:
         super().__init__(model, tokenizer, settings)

@@ -72,6 +72,7 @@ class Codebook(LemoeAdaptor):
 class Grace(Method):
     name = "grace"
     lr = 1.0
+    own_settings = {"lr": lr, "eps_init": EPS_INIT, "optimizer": "adam"}
 
     def __init__(self, model, tokenizer, settings: BenchSettings) -> None:
         super().__init__(model, tokenizer, settings)

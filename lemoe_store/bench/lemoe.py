@@ -19,11 +19,19 @@ class Lemoe(Method):
 
     def __init__(self, model, tokenizer, settings: BenchSettings) -> None:
         super().__init__(model, tokenizer, settings)
-        # Rephrases and locality prompts are held-out evaluation data here: never trained, never anchors.
-        self.config = EditConfig(layer=settings.layer, max_steps=settings.max_steps, loss_floor=settings.loss_floor,
-                                 seed=settings.seed, plan=self.planner, routing=self.routing, anchor_rephrases=False,
-                                 locality_regulariser=False)
+        self.config = self.config_for(settings)
         self.editor = Editor(model, tokenizer, self.config)
+
+    @classmethod
+    def config_for(cls, settings: BenchSettings) -> EditConfig:
+        # Rephrases and locality prompts are held-out evaluation data here: never trained, never anchors.
+        return EditConfig(layer=settings.layer, max_steps=settings.max_steps, loss_floor=settings.loss_floor,
+                          seed=settings.seed, plan=cls.planner, routing=cls.routing, anchor_rephrases=False,
+                          locality_regulariser=False)
+
+    @classmethod
+    def hyperparameters(cls, settings: BenchSettings) -> dict:
+        return cls.config_for(settings).to_dict()
 
     def order(self, facts: list[Fact], batch_size: int) -> list[list[Fact]]:
         keys = self.editor.keys([f.prompt for f in facts])

@@ -92,6 +92,8 @@ class ResidualMemory(ProjectionInputAdaptor):
 
 class Memoir(Method):
     name = "memoir"
+    own_settings = {"top_k_share": TOP_K_SHARE, "overlap_threshold": OVERLAP_THRESHOLD, "edit_lr": EDIT_LR,
+                    "edit_steps": EDIT_STEPS, "background_prompts": BACKGROUND_PROMPTS, "optimizer": "sgd"}
 
     def __init__(self, model, tokenizer, settings: BenchSettings, irrelevant: list[Pair] | None = None) -> None:
         super().__init__(model, tokenizer, settings)

@@ -53,6 +53,7 @@ class LearnedRouterMoE(Method):
     name = "moe"
     freeze = False
     lr = 3e-2
+    own_settings = {"lr": lr, "rank": EditConfig.rank, "key_layer": "LEMoE's", "optimizer": "adam"}
 
     def __init__(self, model, tokenizer, settings: BenchSettings) -> None:
         super().__init__(model, tokenizer, settings)

@@ -127,6 +127,11 @@ class SideMemory(ProjectionInputAdaptor):
 class Wise(Method):
     name = "wise"
     lr = EDIT_LR
+    own_settings = {"edit_lr": EDIT_LR, "weight_decay": WEIGHT_DECAY, "edit_steps": EDIT_STEPS, "mask_ratio": MASK_RATIO,
+                    "act_ratio": ACT_RATIO, "norm_constraint": NORM_CONSTRAINT, "save_freq": SAVE_FREQ,
+                    "merge_freq": MERGE_FREQ, "density": DENSITY, "later_merge_weight": LATER_MERGE_WEIGHT,
+                    "context_templates": CONTEXT_TEMPLATES, "margins_in_quarter_ffn_norms": list(MARGINS),
+                    "optimizer": "sgd"}
 
     def __init__(self, model, tokenizer, settings: BenchSettings, irrelevant: list[Pair] | None = None) -> None:
         super().__init__(model, tokenizer, settings)

@@ -62,7 +62,7 @@ def _records(text: str | None) -> slice:
 
 def _run(mode: str, methods: str, sizes: str, data: Path, records: str | None, irrelevant: Path, batch_size: int,
          model: str, layer: int, out: Path, json_: bool, protocol: str, workers: int, ray: str | None) -> None:
-    from ..bench import BenchSettings, code_version, irrelevant_pool, run_grid, save
+    from ..bench import METHODS, BenchSettings, code_version, irrelevant_pool, run_grid, save
     from ..parallel import workers_for
 
     if protocol not in PROTOCOLS:
@@ -81,7 +81,8 @@ def _run(mode: str, methods: str, sizes: str, data: Path, records: str | None, i
 
     meta = {"mode": mode, "data": str(data), "records": records, "model": model, "layer": layer,
             "batch_size": batch_size, "protocol": protocol, "commit": code_version(),
-            "workers": "ray" if ray is not None else workers}
+            "workers": "ray" if ray is not None else workers,
+            "settings": {name: METHODS[name].hyperparameters(settings) for name in names}}
     done: list[Result] = []
 
     def started(name: str, size: int) -> None:
