@@ -82,7 +82,7 @@ def main() -> None:
                "rephrases_read": float((overlap["rephrases"] >= tau).float().mean()),
                "locality_read": float((overlap["locality prompts"] >= tau).float().mean())}
         rows.append(row)
-        print(f"| {tau:.2f}{' (reference)' if tau == OVERLAP_THRESHOLD else ''} | {row['rel']:.3f} | {row['gen']:.3f} | "
+        print(f"| {tau:.2f}{' (default)' if tau == OVERLAP_THRESHOLD else ''} | {row['rel']:.3f} | {row['gen']:.3f} | "
               f"{row['loc']:.3f} | {row['mean']:.3f} | {row['rephrases_read']:.2f} | {row['locality_read']:.2f} |",
               flush=True)
     method.close()
