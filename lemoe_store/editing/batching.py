@@ -107,6 +107,14 @@ def prompt_prefix(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(k[..., :-1, :].detach(), v[..., :-1, :].detach()) for k, v, *_ in cache]
 
 
+def chunk_layout(prompt_mask: torch.Tensor, chunk_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask and position ids of right-padded chunks run on a `prompt_prefix`: each row's chunk
+    starts at its last prompt token, so it reads as the row's sequence run whole."""
+    attention = torch.cat([prompt_mask[:, :-1], chunk_mask], dim=1)
+    start = prompt_mask.sum(dim=1) - 1
+    return attention, start[:, None] + torch.arange(chunk_mask.shape[1], device=chunk_mask.device)[None, :]
+
+
 @torch.no_grad()
 def greedy_continuations(model, tokenizer, pairs: list[Pair], tokens: int) -> list[tuple[list[int], torch.Tensor]]:
     """For each pair, the model's next `tokens` greedy tokens after prompt + answer, and its log-probabilities
@@ -128,14 +136,13 @@ def continue_after_answers(model, pairs: list[Pair], prompt_mask: torch.Tensor, 
     for row, pair in enumerate(pairs):
         chunk[row, : 1 + len(pair.answer)] = torch.tensor(pair.prompt[-1:] + pair.answer)
         chunk_mask[row, : 1 + len(pair.answer)] = 1
-    mask = torch.cat([prompt_mask[:, :-1], chunk_mask.to(device)], dim=1)
-    last_prompt = prompt_mask.sum(dim=1) - 1
+    mask, chunk_positions = chunk_layout(prompt_mask, chunk_mask.to(device))
     answers = torch.tensor([len(p.answer) for p in pairs], device=device)
-    out = model.base_model(input_ids=chunk.to(device), attention_mask=mask,
-                           position_ids=last_prompt[:, None] + torch.arange(width, device=device)[None, :],
+    out = model.base_model(input_ids=chunk.to(device), attention_mask=mask, position_ids=chunk_positions,
                            cache=DynamicCache(ddp_cache_data=prefix, config=model.config), use_cache=True)
-    logits = model.get_output_embeddings()(out.last_hidden_state[torch.arange(len(pairs), device=device), answers])
-    position = (last_prompt + answers)[:, None]  # of each row's last answer token
+    rows = torch.arange(len(pairs), device=device)
+    logits = model.get_output_embeddings()(out.last_hidden_state[rows, answers])
+    position = chunk_positions[rows, answers][:, None]  # of each row's last answer token
     cache = out.cache
     chosen: list[torch.Tensor] = []
     logprobs: list[torch.Tensor] = []

@@ -20,8 +20,8 @@ from transformers import DynamicCache
 
 from ..schemas.facts import Fact
 from .adaptor import ROUTER_PREFIX, Expert, ExpertArtifact, LemoeAdaptor, RoutingDecision, attach, decoder_layers
-from .batching import (Pair, continue_after_answers, encode_pair, left_pad, model_device, positions, prompt_prefix,
-                       routing_keys, teacher_forced_predictions)
+from .batching import (Pair, chunk_layout, continue_after_answers, encode_pair, left_pad, model_device, positions,
+                       prompt_prefix, routing_keys, teacher_forced_predictions)
 from .config import EditConfig
 from .routing import NO_EXPERT, occurs
 from .wild import greedy_texts
@@ -304,9 +304,7 @@ class Editor:
         base_logprobs = torch.cat([r.continuation_logprobs for r, k in zip(rows, kept) if k.any()] or
                                   [torch.empty(0)]).to(device)
         inputs, labels, kept, chunk_mask = inputs.to(device), labels.to(device), kept.to(device), chunk_mask.to(device)
-        attention = torch.cat([prompt_mask[:, :-1], chunk_mask], dim=1)
-        prompt_lengths = prompt_mask.sum(dim=1)
-        chunk_positions = prompt_lengths[:, None] - 1 + torch.arange(width, device=device)[None, :]
+        attention, chunk_positions = chunk_layout(prompt_mask, chunk_mask)
         route = torch.where(trained, expert_index, NO_EXPERT)
         start = torch.zeros(len(rows), dtype=torch.long, device=device)
         router = self.adaptor.paper_router
