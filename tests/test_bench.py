@@ -151,14 +151,15 @@ def test_run_grid_writes_results_and_plot(tiny, tmp_path):
     facts = tiny_facts()
     results = run_grid("lifelong", model, tokenizer, facts[:8], ["lemoe-anchors", "ft-l"], [4, 8], 4, SETTINGS,
                        irrelevant_pool(tokenizer, facts[8:]), protocol="both")
-    assert [(r.method, r.T) for r in results] == [("lemoe-anchors", 4), ("lemoe-anchors", 8), ("ft-l", 4),
+    # smallest T first: a grid stopped early holds every method's small cells
+    assert [(r.method, r.T) for r in results] == [("lemoe-anchors", 4), ("ft-l", 4), ("lemoe-anchors", 8),
                                                   ("ft-l", 8)]
     # Both protocols in every row, each scored against the base model's generations taken before any edit
     # (FT-L changes the weights themselves, so "base" cannot be read from the model afterwards).
     assert all(r.wild_rel is not None and r.fluency is not None for r in results)
-    assert results[1].base_fluency == results[3].base_fluency and results[1].wild_loc == 1.0
+    assert results[2].base_fluency == results[3].base_fluency and results[2].wild_loc == 1.0
     json_path, png_path = save(results, tmp_path, {"mode": "lifelong", "data": "tiny"})
-    assert json.loads(json_path.read_text())["results"][1]["T"] == 8
+    assert json.loads(json_path.read_text())["results"][2]["T"] == 8
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -173,7 +174,7 @@ def test_cli_bench_writes_a_table_results_and_plot(tiny_llama_dir, facts_file, t
     assert result.exit_code == 0, result.output
     assert "GRACE" in result.output and "LEMoE with" in result.output  # each row under its method's name
     saved = json.loads((out / "results.json").read_text())
-    assert [(r["method"], r["T"]) for r in saved["results"]] == [("grace", 2), ("grace", 4), ("lemoe-anchors", 2),
+    assert [(r["method"], r["T"]) for r in saved["results"]] == [("grace", 2), ("lemoe-anchors", 2), ("grace", 4),
                                                                  ("lemoe-anchors", 4)]
     assert (out / "results.png").stat().st_size > 1000
     # every setting each method ran with: the shared ones and its own
@@ -181,6 +182,38 @@ def test_cli_bench_writes_a_table_results_and_plot(tiny_llama_dir, facts_file, t
                                           "eps_init": 3.0, "optimizer": "adam"}
     lemoe = saved["settings"]["lemoe-anchors"]
     assert lemoe["layer"] == 2 and lemoe["continuation_tokens"] == 1 and lemoe["anchor_rephrases"] is False
+
+
+def test_cli_bench_resumes_a_grid_from_the_same_commit_and_refuses_any_other(tiny_llama_dir, facts_file, tmp_path,
+                                                                              monkeypatch):
+    from lemoe_store.bench import runner
+
+    monkeypatch.setattr(runner, "code_version", lambda: "1234abcd")
+    out = tmp_path / "bench"
+    common = ["bench", "lifelong", "--methods", "grace", "--data", str(facts_file), "--irrelevant", str(facts_file),
+              "--model", str(tiny_llama_dir), "--out", str(out)]
+    first = CliRunner().invoke(app, [*common, "--layer", "2", "--T", "2"])
+    assert first.exit_code == 0, first.output
+    (kept,) = json.loads((out / "results.json").read_text())["results"]
+
+    resumed = CliRunner().invoke(app, [*common, "--layer", "2", "--T", "2,4", "--methods", "grace,ft-l", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    saved = json.loads((out / "results.json").read_text())
+    # the T = 2 GRACE cell is kept as it was (its timing too: it did not run again); the others ran
+    assert saved["results"][0] == kept
+    assert [(r["method"], r["T"]) for r in saved["results"]] == [("grace", 2), ("ft-l", 2), ("grace", 4), ("ft-l", 4)]
+    assert set(saved["settings"]) == {"grace", "ft-l"} and saved["commit"] == "1234abcd"
+
+    before = (out / "results.json").read_bytes()
+    other_layer = CliRunner().invoke(app, [*common, "--layer", "3", "--T", "2", "--resume"])
+    assert other_layer.exit_code == 2 and "was made with layer = 2, this run has 3" in other_layer.output
+    monkeypatch.setattr(runner, "code_version", lambda: "5678ef00")
+    other_commit = CliRunner().invoke(app, [*common, "--layer", "2", "--T", "2", "--resume"])
+    assert other_commit.exit_code == 2 and "commit = '1234abcd'" in other_commit.output
+    monkeypatch.setattr(runner, "code_version", lambda: "1234abcd+dirty")
+    dirty = CliRunner().invoke(app, [*common, "--layer", "2", "--T", "2", "--resume"])
+    assert dirty.exit_code == 2 and "uncommitted changes" in dirty.output
+    assert (out / "results.json").read_bytes() == before  # refused runs leave the results as they were
 
 
 def test_cli_bench_takes_a_slice_of_the_records(tiny_llama_dir, facts_file, tmp_path):

@@ -25,7 +25,7 @@ DEFAULT_METHODS = ("lemoe-anchors", "ft-l", "grace", "wise", "memoir", "moe")
 PROTOCOLS = ("tf", "wild", "both")  # teacher-forced, free generation (WILD), both
 
 _HOMES = {"BenchSettings": "base", "Method": "base", "METHODS": "runner", "Result": "runner", "run_grid": "runner",
-          "save": "runner", "code_version": "runner", "irrelevant_pool": "runner"}
+          "save": "runner", "code_version": "runner", "irrelevant_pool": "runner", "resumable": "runner"}
 
 __all__ = ["DEFAULT_METHODS", "PROTOCOLS", "TITLES", *sorted(_HOMES)]
 

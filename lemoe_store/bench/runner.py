@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -170,29 +170,32 @@ def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str],
              settings: BenchSettings, irrelevant: list[Pair],
              on_start: Callable[[str, int], None] | None = None,
              on_result: Callable[[Result], None] | None = None, protocol: str = "tf",
-             workers: Workers | None = None, model_name: str = "", device: str = "cpu") -> list[Result]:
-    """Every method at every T; the base model's locality predictions (and, for the WILD protocol, its
-    generations) are taken once, before any edit. With `workers` (`parallel.workers_for`), the cells run
-    at once in worker processes that load `model_name` themselves; the results come back in grid order."""
+             workers: Workers | None = None, model_name: str = "", device: str = "cpu",
+             done: Collection[tuple[str, int]] = ()) -> list[Result]:
+    """Every method at every T but the (method, T) cells in `done`, smallest T first: a grid stopped early
+    holds every method's small cells. The base model's locality predictions (and, for the WILD protocol,
+    its generations) are taken once, before any edit. With `workers` (`parallel.workers_for`), the cells
+    run at once in worker processes that load `model_name` themselves; the results come back in grid order."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     for name in methods:
         method_class(name)  # fail before any work on a misspelt name
     if max(sizes) > len(facts):
         raise ValueError(f"T = {max(sizes)} but the data holds {len(facts)} facts")
+    todo = [(name, size) for size in sizes for name in methods if (name, size) not in done]
+    if not todo:
+        return []
     base_all = locality_predictions(model, tokenizer, facts[: max(sizes)])
     base_perplexities = target_perplexities(model, tokenizer, facts[: max(sizes)])
     generated = base_generations(model, tokenizer, facts[: max(sizes)]) if protocol != "tf" else None
     cells = []
-    for name in methods:
-        for size in sizes:
-            subset = facts[:size]
-            localities = sum(len(f.locality) for f in subset)
-            generations = generated and BaseGenerations(generated.locality[:localities],
-                                                        generated.continuations[:size])
-            cells.append(Cell(len(cells), mode, name, [f.to_record() for f in subset], batch_size, settings,
-                              irrelevant, base_all[:localities], base_perplexities[:size], generations, model_name,
-                              device, getattr(workers, "threads", 1)))
+    for name, size in todo:
+        subset = facts[:size]
+        localities = sum(len(f.locality) for f in subset)
+        generations = generated and BaseGenerations(generated.locality[:localities], generated.continuations[:size])
+        cells.append(Cell(len(cells), mode, name, [f.to_record() for f in subset], batch_size, settings, irrelevant,
+                          base_all[:localities], base_perplexities[:size], generations, model_name, device,
+                          getattr(workers, "threads", 1)))
     if workers is None:
         outcomes = _in_turn(cells, model, tokenizer, on_start)
     else:
@@ -217,12 +220,46 @@ def _in_turn(cells: list[Cell], model, tokenizer, on_start) -> Iterator[tuple[in
         yield cell.index, run_cell(cell, model, tokenizer)
 
 
+# What a resumed grid must share with the results it continues: everything but the timing and the rows.
+_RUN_KEYS = ("mode", "data", "records", "irrelevant", "model", "layer", "batch_size", "protocol", "commit")
+
+
+def resumable(out_dir: Path, meta: dict) -> tuple[list[Result], dict]:
+    """The rows and the run record of `out_dir`'s results.json, for a run that continues it (none and {}
+    when there is no file). Refuses (ValueError) when the two runs differ in anything that shapes a figure:
+    the code's commit, the data, the model, the protocol or a method's settings, so one results file never
+    mixes runs."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return [], {}
+    commit = meta.get("commit")
+    if commit is None or commit.endswith("+dirty"):
+        raise ValueError(f"cannot resume from code with uncommitted changes ({commit or 'not a git checkout'}): "
+                         "commit them first")
+    try:
+        saved = json.loads(path.read_text())
+        rows = [Result(**{k: v for k, v in row.items() if k != "title"}) for row in saved["results"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a benchmark results file ({error})") from None
+    for key in _RUN_KEYS:
+        if saved.get(key) != meta.get(key):
+            raise ValueError(f"{path} was made with {key} = {saved.get(key)!r}, this run has {meta.get(key)!r}")
+    for name, settings in meta.get("settings", {}).items():
+        earlier = saved.get("settings", {}).get(name)
+        if earlier is not None and earlier != settings:
+            raise ValueError(f"{path} ran {name} with other settings: {earlier} (now {settings})")
+    saved.pop("results")
+    return rows, saved
+
+
 def save(results: list[Result], out_dir: Path, meta: dict) -> tuple[Path, Path]:
     """results.json (with the run's settings) and a PNG of Rel / Gen / Loc against T per method."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "results.json"
     rows = [{"title": TITLES[r.method], **asdict(r)} for r in results]
-    json_path.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    partial = json_path.with_suffix(".json.partial")  # a run killed while saving leaves the last whole file
+    partial.write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
+    partial.replace(json_path)
     png_path = out_dir / "results.png"
     plot(results, png_path, title=f"{meta.get('mode', '')} editing, {meta.get('data', '')}")
     return json_path, png_path

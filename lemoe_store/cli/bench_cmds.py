@@ -38,6 +38,9 @@ Workers = Annotated[int, typer.Option("--workers", help="Run the grid's cells at
 Ray = Annotated[str | None, typer.Option(
     "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
     help="Run the grid's cells on a Ray cluster (at ADDRESS; alone: a local one). Needs lemoe-store[ray].")]
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="Keep the cells --out's results.json already holds and run the rest (same commit, data and "
+                     "settings only).")]
 
 
 def _sizes(text: str) -> list[int]:
@@ -61,8 +64,9 @@ def _records(text: str | None) -> slice:
 
 
 def _run(mode: str, methods: str, sizes: str, data: Path, records: str | None, irrelevant: Path, batch_size: int,
-         model: str, layer: int, out: Path, json_: bool, protocol: str, workers: int, ray: str | None) -> None:
-    from ..bench import METHODS, BenchSettings, code_version, irrelevant_pool, run_grid, save
+         model: str, layer: int, out: Path, json_: bool, protocol: str, workers: int, ray: str | None,
+         resume: bool) -> None:
+    from ..bench import METHODS, BenchSettings, code_version, irrelevant_pool, resumable, run_grid, save
     from ..parallel import workers_for
 
     if protocol not in PROTOCOLS:
@@ -74,28 +78,42 @@ def _run(mode: str, methods: str, sizes: str, data: Path, records: str | None, i
                                  + (f" [{records}]" if records else ""))
     irrelevant_facts = load_facts(irrelevant, skipped=[])
     cell_workers = workers_for(workers, ray)
-    base, tokenizer = models.load_model(model, device="auto")
     settings = BenchSettings(layer=layer)
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    began = time.perf_counter()
-
-    meta = {"mode": mode, "data": str(data), "records": records, "model": model, "layer": layer,
-            "batch_size": batch_size, "protocol": protocol, "commit": code_version(),
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise typer.BadParameter(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}",
+                                 param_hint="--methods")
+    meta = {"mode": mode, "data": str(data), "records": records, "irrelevant": str(irrelevant), "model": model,
+            "layer": layer, "batch_size": batch_size, "protocol": protocol, "commit": code_version(),
             "workers": "ray" if ray is not None else workers,
             "settings": {name: METHODS[name].hyperparameters(settings) for name in names}}
     done: list[Result] = []
+    earlier_seconds = 0.0
+    if resume:
+        try:
+            done, earlier = resumable(out, meta)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--resume") from None
+        meta["settings"] = {**earlier.get("settings", {}), **meta["settings"]}
+        earlier_seconds = earlier.get("seconds_total", 0.0)
+    kept = list(done)
+    base, tokenizer = models.load_model(model, device="auto")
+    began = time.perf_counter()
 
     def started(name: str, size: int) -> None:
         err_console.print(f"[dim]{mode}: {name}, T = {size} …[/]", highlight=False)
 
     def finished(result: Result) -> None:  # saved as they come: a long grid stopped early keeps its rows
         done.append(result)
-        save(done, out, {**meta, "seconds_total": round(time.perf_counter() - began, 1)})
+        save(done, out, {**meta, "seconds_total": round(earlier_seconds + time.perf_counter() - began, 1)})
 
     results = run_grid(mode, base, tokenizer, facts, names, counts, batch_size, settings,
                        irrelevant_pool(tokenizer, irrelevant_facts), on_start=started, on_result=finished, protocol=protocol,
-                       workers=cell_workers, model_name=model, device=str(models.resolve_device("auto")))
-    meta["seconds_total"] = round(time.perf_counter() - began, 1)
+                       workers=cell_workers, model_name=model, device=str(models.resolve_device("auto")),
+                       done={(r.method, r.T) for r in kept})
+    results = kept + results
+    meta["seconds_total"] = round(earlier_seconds + time.perf_counter() - began, 1)
     json_path, png_path = save(results, out, meta)
     if json_:
         print_json({**meta, "results": [r.__dict__ for r in results], "files": [str(json_path), str(png_path)]})
@@ -132,10 +150,11 @@ def lifelong(
     data: Data = DEFAULT_DATA, records: Records = None, irrelevant: Irrelevant = DEFAULT_POOL,
     model: Model = models.DEFAULT_MODEL,
     layer: Layer = 18, out: Out = Path("bench-results/lifelong"), json_: JsonFlag = False, protocol: Protocol = "tf",
-    workers: Workers = 1, ray: Ray = None,
+    workers: Workers = 1, ray: Ray = None, resume: Resume = False,
 ) -> None:
     """Edit the first T facts batch after batch, then score all T (Rel/Gen/Loc, s and bytes per edit)."""
-    _run("lifelong", methods, sizes, data, records, irrelevant, batch_size, model, layer, out, json_, protocol, workers, ray)
+    _run("lifelong", methods, sizes, data, records, irrelevant, batch_size, model, layer, out, json_, protocol, workers,
+         ray, resume)
 
 
 @bench_app.command()
@@ -145,10 +164,10 @@ def batch(
     data: Data = DEFAULT_DATA, records: Records = None, irrelevant: Irrelevant = DEFAULT_POOL,
     model: Model = models.DEFAULT_MODEL,
     layer: Layer = 18, out: Out = Path("bench-results/batch"), json_: JsonFlag = False, protocol: Protocol = "tf",
-    workers: Workers = 1, ray: Ray = None,
+    workers: Workers = 1, ray: Ray = None, resume: Resume = False,
 ) -> None:
     """Edit the first T facts as one single batch, then score them."""
-    _run("batch", methods, sizes, data, records, irrelevant, 0, model, layer, out, json_, protocol, workers, ray)
+    _run("batch", methods, sizes, data, records, irrelevant, 0, model, layer, out, json_, protocol, workers, ray, resume)
 
 
 def register(app: typer.Typer) -> None:
