@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Issue 16's side-by-side grid, every cell from one commit, with the settings frozen on the tuning splits
-# (benchmarks/README.md, "The grid"). Each piece saves results.json after every cell, so a stopped run
-# keeps what it finished; run again with the same OUT to redo a piece.
+# (benchmarks/README.md, "The grid"). Every cell is saved as it finishes, and each call resumes its OUT
+# (`--resume`: it keeps the cells already there and runs the rest), so the grid runs in pieces: run this
+# script again, from the same commit, until every cell is in.
 #
 #     bash benchmarks/grid.sh [OUT]        # default OUT: benchmarks/results/grid
 #
-# Refuses to start from a tree with uncommitted changes: every results.json records the commit it ran.
+# Refuses to start from a tree with uncommitted changes, and `--resume` refuses results from another
+# commit: every results.json holds cells of one commit only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-benchmarks/results/grid}"
@@ -13,16 +15,34 @@ if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
     echo "grid.sh: commit your changes first (every figure must come from one commit)" >&2
     exit 1
 fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's code, whatever lemoe_store is installed
 data=../shared/data
-all=lemoe-anchors,lemoe-paper,lemoe-anchors-no-plan,lemoe-learned-router,moe,ft-l,grace,wise,memoir
+fast=lemoe-anchors,lemoe-paper,lemoe-anchors-no-plan,lemoe-learned-router,moe,ft-l,grace,memoir
+# WISE at its reference budget (≤ 70 steps on 10 templated rows per edit) takes about a minute per edit on
+# 2 CPU cores: its cells come after the others' at the same sizes.
+wise=wise
 # WISE and MEMOIR edit one fact at a time in their papers and reference code: no batch rows for them.
 batched=lemoe-anchors,lemoe-paper,moe,ft-l,grace
 
-lemoe bench lifelong --methods "$all" --data "$data/zsre_mend_eval.json" --T 1,10,100,1000 \
-    --protocol both --out "$out/zsre"
-lemoe bench lifelong --methods "$all" --data "$data/counterfact-edit-1k.json" --records 500:1000 \
-    --T 10,100,500 --protocol both --out "$out/counterfact"
-lemoe bench lifelong --methods "$all" --data "$data/hallucination-edit-300.json" --records 150:300 \
-    --T 10,100,150 --protocol both --out "$out/hallucination"
-lemoe bench batch --methods "$batched" --data "$data/zsre_mend_eval.json" --T 10,100,1000 \
-    --protocol both --out "$out/zsre-batch"
+lifelong() {  # lifelong METHODS ZSRE_T COUNTERFACT_T HALLUCINATION_T
+    lemoe bench lifelong --methods "$1" --data "$data/zsre_mend_eval.json" --T "$2" \
+        --protocol both --resume --out "$out/zsre"
+    lemoe bench lifelong --methods "$1" --data "$data/counterfact-edit-1k.json" --records 500:1000 \
+        --T "$3" --protocol both --resume --out "$out/counterfact"
+    lemoe bench lifelong --methods "$1" --data "$data/hallucination-edit-300.json" --records 150:300 \
+        --T "$4" --protocol both --resume --out "$out/hallucination"
+}
+batch() {  # batch T
+    lemoe bench batch --methods "$batched" --data "$data/zsre_mend_eval.json" --T "$1" \
+        --protocol both --resume --out "$out/zsre-batch"
+}
+
+# Small sizes first, so a stopped grid holds every table's first rows; each call skips the cells it has.
+lifelong "$fast,$wise" 1,10 10 10
+batch 10
+lifelong "$fast" 100 100 100
+batch 100
+lifelong "$wise" 100 100 100
+lifelong "$fast" 1000 500 150
+batch 1000
+lifelong "$wise" 1000 500 150
