@@ -97,7 +97,7 @@ class CommitInfo:
     anchors_bytes: int | None
 
     def to_dict(self) -> dict:
-        data = {"id": self.id, **self.commit.to_dict()}
+        data = {"id": self.id, **self.commit.to_dict(), "experts_active": len(self.commit.tree)}
         if self.commit.expert:
             data |= {"facts": [f.to_record() for f in self.facts], "expert_bytes": self.expert_bytes,
                      "anchors_bytes": self.anchors_bytes}

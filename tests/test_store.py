@@ -172,9 +172,10 @@ def test_cli_init_commit_log_show_status(tmp_path, tiny_llama_dir, facts_file):
     (created,) = json.loads(result.stdout)
     assert created["metrics"]["facts"] == 12
     log = json.loads(runner.invoke(app, ["log", "--json", *store_arg]).stdout)
-    assert [c["id"] for c in log] == [created["id"]]
+    assert [c["id"] for c in log] == [created["id"]] and log[0]["experts_active"] == 1
     shown = json.loads(runner.invoke(app, ["show", "HEAD", "--json", *store_arg]).stdout)
     assert len(shown["facts"]) == 12 and shown["expert_bytes"] > 0
+    assert shown["format"] == 2 and len(shown["tree_pages"]) == 1 and shown["experts_active"] == 1
     status = json.loads(runner.invoke(app, ["status", "--json", *store_arg]).stdout)
     assert status["experts_active"] == 1 and status["branch"] == "main"
     ask = json.loads(runner.invoke(app, ["ask", tiny_facts()[0].prompt, "--json", *store_arg]).stdout)

@@ -20,6 +20,7 @@ from lemoe_store.stores import (
     TreeEntry,
 )
 from lemoe_store.stores.maintenance import fsck, gc
+from lemoe_store.stores.manifest import PAGE_SIZE
 from lemoe_store.stores.objects import object_id
 from lemoe_store.stores.refs import HEADS
 
@@ -117,8 +118,50 @@ def test_closure_reaches_every_commit_and_object_once(store):
     tree = store.read_commit(ids[-1]).tree
     assert set(ids) <= reachable
     assert {oid for e in tree for oid in (e.expert, e.anchors, e.facts)} <= reachable
-    assert len(reachable) == 3 + 3 * 3
-    assert store.closure({ids[0]}) == {ids[0], tree[0].expert, tree[0].anchors, tree[0].facts}
+    pages = {page for cid in ids for page in store.read_commit(cid).page_ids}
+    assert len(pages) == 3 and pages <= reachable  # each version's one page: [e0], [e0, e1], [e0, e1, e2]
+    assert len(reachable) == 3 + 3 * 3 + 3
+    (first_page,) = store.read_commit(ids[0]).page_ids
+    assert store.closure({ids[0]}) == {ids[0], first_page, tree[0].expert, tree[0].anchors, tree[0].facts}
+
+
+def test_versions_share_tree_pages_so_a_commit_adds_what_changed_not_the_whole_tree(store):
+    """A commit that adds one expert writes one page of at most PAGE_SIZE entries and a manifest that lists
+    the pages, whatever the history's length (format 1 wrote the whole tree into every commit)."""
+    ids = _history(store, 2 * PAGE_SIZE + 3)
+    last, before = store.read_commit(ids[-1]), store.read_commit(ids[-2])
+    assert len(last.tree) == 2 * PAGE_SIZE + 3 and last.tree[:-1] == before.tree
+    assert last.page_ids[:2] == before.page_ids[:2] and last.page_ids[2] != before.page_ids[2]
+    full_tree_bytes = len(json.dumps([e.__dict__ for e in last.tree]))
+    assert store.objects.size(ids[-1]) + store.objects.size(last.page_ids[-1]) < full_tree_bytes / 4
+    page_sizes = [len(store._read_page(page)) for page in last.page_ids]
+    assert page_sizes == [PAGE_SIZE, PAGE_SIZE, 3]
+    assert fsck(store).ok and gc(store).unreachable == []
+
+
+def test_format_1_commits_with_the_tree_inline_still_read(store):
+    entry = _entry(store, 0)
+    legacy = {"format": 1, "kind": "edit", "parents": [], "author": "test", "time": 1.0, "message": "old store",
+              "base_model": {"id": BASE["id"], "fingerprint": BASE["fingerprint"]}, "expert": entry.__dict__,
+              "tree": [entry.__dict__], "planner": {}, "training": {}, "seed": 0, "metrics": {}}
+    cid = store.objects.put(json.dumps(legacy, sort_keys=True).encode())
+    store.move_ref(f"{HEADS}main", None, cid, "an old store's commit")
+    commit = store.read_commit(cid)
+    assert commit.tree == [entry] and commit.page_ids is None
+    assert store.closure({cid}) == {cid, entry.expert, entry.anchors, entry.facts}
+    child = store.add_commit(_commit(cid, [entry, _entry(store, 1)], "new", None), cid)  # written as format 2
+    assert json.loads(store.objects.get(child))["format"] == 2 and len(store.read_commit(child).tree) == 2
+    assert fsck(store).ok
+
+
+def test_a_missing_or_damaged_tree_page_is_reported(store):
+    ids = _history(store, 2)
+    (page,) = store.read_commit(ids[-1]).page_ids
+    path = store.objects.path(page)
+    path.chmod(0o644)
+    path.write_bytes(b'{"entries": []}')
+    problems = fsck(Store(store.root)).problems  # a fresh reader: no page cached
+    assert any(page[:12] in p and "corrupt" in p for p in problems)
 
 
 def test_fsck_finds_corruption_and_gc_keeps_what_reflogs_reach(store):

@@ -126,7 +126,7 @@ def log(
     repo = Repo.open(store)
     entries = repo.log(rev, limit=n, grep=grep)
     if json_:
-        print_json([{"id": cid, **c.to_dict()} for cid, c in entries])
+        print_json([{"id": cid, **c.to_dict(), "experts_active": len(c.tree)} for cid, c in entries])
         return
     if not entries:
         console.print("no commits yet")

@@ -24,13 +24,14 @@ from . import index as idx
 from .errors import AmbiguousRevisionError, BadRevisionError, NotAStoreError, RefConflictError, StoreError
 from .fsutil import TEMP_PREFIX, atomic_write
 from .lock import store_lock
-from .manifest import Commit
+from .manifest import Commit, TreeEntry, read_page
 from .objects import ObjectStore, check_object_id
 from .refs import HEADS, TAGS, RefStore, check_ref_name
 from .tensors import metadata
 
 STORE_DIR = ".lemoe"
 FORMAT_VERSION = 1
+_PAGES_KEPT = 1024  # tree pages held in memory (~16 KB each, parsed); past it the cache starts again
 _REV = re.compile(r"^(?P<base>[^~^]+)(?P<ops>(?:[~^]\d*)*)$")
 
 
@@ -41,6 +42,7 @@ class Store:
         self.refs = RefStore(root)
         self.config = self._read_config()
         self._db: sqlite_utils.Database | None = None
+        self._pages: dict[str, list[TreeEntry]] = {}  # tree pages read so far (immutable, shared by versions)
 
     # -- creating and finding ------------------------------------------------------------------------
     @classmethod
@@ -96,7 +98,14 @@ class Store:
 
     # -- commits -------------------------------------------------------------------------------------
     def read_commit(self, cid: str) -> Commit:
-        return Commit.from_bytes(self.objects.get(cid), cid)
+        return Commit.from_bytes(self.objects.get(cid), cid, self._read_page)
+
+    def _read_page(self, oid: str) -> list[TreeEntry]:
+        if oid not in self._pages:
+            if len(self._pages) >= _PAGES_KEPT:
+                self._pages.clear()
+            self._pages[oid] = read_page(self.objects.get(oid), oid)
+        return self._pages[oid]
 
     def head(self) -> tuple[str | None, str | None]:
         """(branch name or None when detached, HEAD commit id or None in an empty store)."""
@@ -104,7 +113,9 @@ class Store:
         return (ref[len(HEADS):] if ref else None), cid
 
     def put_commit(self, commit: Commit) -> str:
-        """Store a commit object (invisible until a ref points at it); return its id."""
+        """Store a commit object and its tree pages (invisible until a ref points at it); return its id."""
+        for _, page in commit.pages():  # the pages first: a manifest never names a missing page
+            self.objects.put(page)
         cid = self.objects.put(commit.to_bytes())
         self._index_commit(cid, commit)
         return cid
@@ -187,7 +198,7 @@ class Store:
         raise BadRevisionError(f"unknown revision {base!r}")
 
     def closure(self, starts: set[str]) -> set[str]:
-        """Every commit and tree object reachable from the commits `starts` (those present in the store)."""
+        """Every commit, tree page and tree object reachable from the commits `starts` (those present)."""
         reachable: set[str] = set()
         for start in starts:
             if start in reachable or start not in self.objects:
@@ -196,6 +207,7 @@ class Store:
                 if cid in reachable:
                     break
                 reachable.add(cid)
+                reachable.update(commit.page_ids or ())
                 for entry in commit.tree:
                     reachable.update((entry.expert, entry.anchors, entry.facts))
         return reachable
