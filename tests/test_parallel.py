@@ -52,6 +52,7 @@ def test_two_local_workers_give_the_history_of_training_in_turn(in_turn, tmp_pat
     facts.write_text("".join(json.dumps(f.to_record()) + "\n" for f in tiny_facts()[4:]))
     result = CliRunner().invoke(app, ["commit", str(facts), "-m", "batches", "--workers", "2", "--store", str(repo.path)])
     assert result.exit_code == 0, result.output
+    assert not result.stderr.startswith("\n")  # not a terminal: no progress bar, and no blank line left of it
     _same_history(repo, in_turn)
 
 

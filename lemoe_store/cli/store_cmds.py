@@ -83,7 +83,7 @@ def commit(
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True,
-        disable=json_,
+        disable=json_ or not err_console.is_terminal,  # piped: no bar (rich would leave a blank line)
     ) as bar:
         task = bar.add_task("planning", total=None)
 
