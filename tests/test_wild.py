@@ -57,7 +57,9 @@ def test_loops_are_degenerate_and_have_low_entropy():
     assert is_degenerate(loop) and not is_degenerate(prose)
     assert distinct_bigram_ratio(loop) == pytest.approx(1 / 9)
     assert generation_entropy(loop) < 1.0 < 3.0 < generation_entropy(prose)
-    assert not is_degenerate("") and generation_entropy("") == 0.0
+    assert generation_entropy("") == 0.0
+    for wordless in ("", " ? ? ? ? ? ? ? ?", "\n\n\n\n", " Idaho"):  # 48 tokens without two words: a loop too
+        assert is_degenerate(wordless)
 
 
 def test_generation_entropy_is_romes_weighted_bigram_trigram_entropy():

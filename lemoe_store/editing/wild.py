@@ -9,7 +9,8 @@ The protocol of "The Mirage of Model Editing" (2025), as `../shared/data/README.
 - **fluency**: ROME's generation entropy (the weighted mean of word-bigram and trigram entropies, weights
   2/3 and 4/3) of a 48-token continuation of each edit prompt, never stopped (EOS suppressed), edited
   against base on the same prompts; **degenerate**: the share of those continuations whose distinct
-  word-bigram ratio is below 0.5 (a loop such as "Idaho, Idaho, Idaho").
+  word-bigram ratio is below 0.5 (a loop such as "Idaho, Idaho, Idaho"), or that hold fewer than two
+  words (48 tokens of "?" or of newlines).
 """
 
 from __future__ import annotations
@@ -70,9 +71,11 @@ def generation_entropy(text: str) -> float:
 
 
 def distinct_bigram_ratio(text: str) -> float:
+    """Distinct word bigrams over all of them; 0 for a text of fewer than two words, which has no content
+    to be fluent with (a continuation of 48 tokens gets there only by repeating punctuation or blanks)."""
     tokens = [t for t in words(text) if t.isalnum()]
     bigrams = list(zip(tokens, tokens[1:]))
-    return len(set(bigrams)) / len(bigrams) if bigrams else 1.0
+    return len(set(bigrams)) / len(bigrams) if bigrams else 0.0
 
 
 def is_degenerate(text: str) -> bool:
