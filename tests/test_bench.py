@@ -48,8 +48,8 @@ def test_every_method_edits_and_leaves_the_model_as_it_was(tiny, name):
     method = make_method(name, model, tokenizer, SETTINGS, irrelevant_pool(tokenizer, tiny_facts()[8:]))
     if name == "ft-l":  # a random tiny model needs a far looser constraint than SmolLM2 (see the next test)
         method.lr, method.eps = 1e-2, 1.0
-    if name == "wise":  # ... and a larger step than lr 1.0, which does not move its flat logits in 70 steps
-        method.lr = 10.0
+    if name in ("wise", "memoir"):  # ... and a larger step than lr 1.0, which (WISE's 70 steps, MEMOIR's 30 with
+        method.lr = 10.0            # the gradient clipped to norm 1) does not move its flat logits enough
     for batch in method.order(facts, 4):
         method.edit(batch)
     edited = evaluate(method.model_for_eval(), tokenizer, facts)
@@ -118,6 +118,15 @@ def test_memoir_reads_its_memory_only_for_prompts_whose_mask_overlaps_an_edit(ti
         base_rephrase = _logits(model, tokenizer, rephrase)
     edited_rephrase = _logits(model, tokenizer, rephrase)
     assert float(memory.last_overlaps[0]) >= memory.threshold and not torch.equal(edited_rephrase, base_rephrase)
+    matched = int(memory.last_matches[0])
+    assert torch.equal(memory._reading[0][0], memory.edit_masks[matched])  # read through the matched edit's mask
+
+    # TopHash keeps the k features largest in magnitude: a strongly negative one is among them
+    features = torch.zeros(1, 1, memory.background.numel())
+    features[0, 0, :memory.k] = 1.0
+    features[0, 0, -1] = -5.0
+    mask = memory.masks(features + memory.background, torch.ones(1, 1))
+    assert bool(mask[0, memory.permutation[-1]]) and int(mask.sum()) == memory.k
     method.close()
 
 

@@ -20,6 +20,7 @@ from ..editing import EditConfig, LemoeAdaptor, detach, find_adaptor
 from ..editing.adaptor import decoder_layers
 from ..editing.editor import lower_layers_replayed, recording_input
 from ..editing.batching import Pair, encode_pair, left_pad, positions
+from ..editing.wild import greedy_texts
 from ..schemas.facts import Fact
 
 
@@ -47,6 +48,36 @@ class ProjectionInputAdaptor(LemoeAdaptor):
 
     def _record_activation(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._activation = args[0]
+
+
+# EasyEdit's context templates for WISE and MEMOIR (`get_context_templates`, length_params [[5, 5], [10, 5]]):
+# the model's own greedy continuations of five starts, 5 and then 10 tokens long.
+TEMPLATE_STARTS = ("I", "You", "Because", "Yes", "Q: ")
+TEMPLATE_LENGTHS = (5, 10)
+
+
+def reference_templates(model: nn.Module, tokenizer) -> list[str]:
+    """The prefixes each edit is trained behind: "" (the bare prompt) and the ten texts the base model writes
+    from `TEMPLATE_STARTS`, each followed by a space, as the reference's "<text> {}". Call it before any
+    memory is attached: the texts are the unedited model's."""
+    prefixes = [""]
+    for length in TEMPLATE_LENGTHS:
+        texts = greedy_texts(model, tokenizer, list(TEMPLATE_STARTS), length, stopped=False)
+        prefixes += [f"{start}{text} " for start, text in zip(TEMPLATE_STARTS, texts)]
+    return prefixes
+
+
+class PlateauStop:
+    """The reference's early stop for WISE and MEMOIR (EasyEdit's `EarlyStopMeter`): the loss moved by at
+    most 1e-4 since the last step and is at most 0.02."""
+
+    def __init__(self) -> None:
+        self.previous = float("inf")
+
+    def __call__(self, loss: float) -> bool:
+        done = abs(loss - self.previous) <= 1e-4 and loss <= 0.02
+        self.previous = loss
+        return done
 
 
 @dataclass

@@ -4,8 +4,8 @@
   memory W' = W + Δ (Δ starts at zero) through a random gradient mask (each entry with probability 0.2,
   drawn at the start of each shard): SGD at lr 1.0 with weight decay 1e-5, up to 70 steps per edit (the
   reference's early stop: the loss changed by at most 1e-4 and is at most 0.02), W' kept within W ± 1.0.
-- Loss of one edit: the target's NLL, the fact put behind the context templates (the bare prompt and 9
-  short prefixes the model writes itself, against the reference's 10 sampled ones), plus the activation
+- Loss of one edit: the target's NLL, the fact put behind the reference's context templates (the bare
+  prompt and 10 texts the model writes itself from 5 starts, 5 and 10 tokens long), plus the activation
   margins on d = mean over tokens of ||silu(W a) - silu(W' a)|| (a: the projection's input), with one
   irrelevant prompt per edit: relu(d_irr - d_edit + γ) + relu(d_irr - α) + relu(β - d_edit).
 - Shards and merging: after every 500 edits (save_freq) W' is saved and reset to W; after every 1000
@@ -31,9 +31,9 @@ from torch import nn
 from ..editing import EditConfig
 from ..editing.adaptor import insert
 from ..editing.batching import Pair, encode_pair, model_device, positions
-from ..editing.editor import context_prefixes
 from ..schemas.facts import Fact
-from .base import BenchSettings, Method, ProjectionInputAdaptor, TrainingBatch, train_answers
+from .base import (TEMPLATE_LENGTHS, TEMPLATE_STARTS, BenchSettings, Method, PlateauStop, ProjectionInputAdaptor,
+                   TrainingBatch, reference_templates, train_answers)
 
 MASK_RATIO = 0.2
 ACT_RATIO = 0.88
@@ -45,7 +45,6 @@ SAVE_FREQ = 500
 MERGE_FREQ = 1000
 DENSITY = 0.53
 LATER_MERGE_WEIGHT = 0.6  # the previous merged memory's weight in a later merge (the shards share 0.4)
-CONTEXT_TEMPLATES = 9
 # alpha (irrelevant below), beta (edits above), gamma (gap): the reference's 5 / 20 / 10, in units of a
 # quarter of this model's typical FFN output norm at the layer.
 MARGINS = (1.0, 4.0, 2.0)
@@ -130,19 +129,20 @@ class Wise(Method):
     own_settings = {"edit_lr": EDIT_LR, "weight_decay": WEIGHT_DECAY, "edit_steps": EDIT_STEPS, "mask_ratio": MASK_RATIO,
                     "act_ratio": ACT_RATIO, "norm_constraint": NORM_CONSTRAINT, "save_freq": SAVE_FREQ,
                     "merge_freq": MERGE_FREQ, "density": DENSITY, "later_merge_weight": LATER_MERGE_WEIGHT,
-                    "context_templates": CONTEXT_TEMPLATES, "margins_in_quarter_ffn_norms": list(MARGINS),
+                    "template_starts": list(TEMPLATE_STARTS), "template_tokens": list(TEMPLATE_LENGTHS),
+                    "margins_in_quarter_ffn_norms": list(MARGINS),
                     "optimizer": "sgd"}
 
     def __init__(self, model, tokenizer, settings: BenchSettings, irrelevant: list[Pair] | None = None) -> None:
         super().__init__(model, tokenizer, settings)
         config = EditConfig(layer=settings.layer)
+        self.templates = reference_templates(model, tokenizer)
         self.memory = insert(model, lambda mlp, hidden: SideMemory(mlp, hidden, config, settings.layer), settings.layer)
         self.irrelevant = irrelevant or []
         self.random = random.Random(settings.seed)
         self.generator = torch.Generator().manual_seed(settings.seed)
         self.edits = 0
         self.steps = BenchSettings(settings.layer, EDIT_STEPS, settings.loss_floor, settings.seed)
-        self.templates = [""] + context_prefixes(model, tokenizer, CONTEXT_TEMPLATES)
         self.unit = self._ffn_output_norm() / 4
         self.bytes_added = 2 * self.memory.current.numel() * 4  # W' and the merged W_m (the shards merge away)
 
@@ -211,7 +211,6 @@ class Wise(Method):
         edits = len(rows)
         alpha, beta, gamma = (margin * self.unit for margin in MARGINS)
         weight = memory.projection.weight
-        previous = [float("inf")]
 
         def margin_loss() -> torch.Tensor:
             d = memory.last_distances
@@ -229,17 +228,12 @@ class Wise(Method):
             with torch.no_grad():
                 memory.current.clamp_(-NORM_CONSTRAINT, NORM_CONSTRAINT)
 
-        def converged(loss: float) -> bool:
-            done = abs(loss - previous[0]) <= 1e-4 and loss <= 0.02
-            previous[0] = loss
-            return done
-
         memory.current.requires_grad_(True)
         memory.training_tokens = data.mask
         try:
             train_answers(self.model, data, [memory.current], self.steps, lr=self.lr, optimizer="sgd",
                           extra_loss=margin_loss, before_step=mask_gradient, after_step=constrain, rows=edits,
-                          stop_when=converged)
+                          stop_when=PlateauStop())
         finally:
             memory.training_tokens = None
             memory.current.requires_grad_(False)
