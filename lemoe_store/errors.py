@@ -23,3 +23,7 @@ class ModelError(LemoeError):
 
 class ConfigError(LemoeError, ValueError):
     """Settings that cannot work together (an unknown plan, a layer outside the model, ...)."""
+
+
+class BenchError(LemoeError, ValueError):
+    """A benchmark run that cannot go on as asked (a results file or checkpoint that other code wrote)."""

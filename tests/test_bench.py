@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from lemoe_store.bench.wise import ties_merge
 from lemoe_store.cli import app
 from lemoe_store.editing import evaluate
 from lemoe_store.editing.batching import encode_pair, encode_prompt
+from lemoe_store.errors import BenchError
 from lemoe_store.models import load_model
 
 SETTINGS = BenchSettings(layer=2, max_steps=80)
@@ -225,6 +227,51 @@ def test_cli_bench_resumes_a_grid_from_the_same_commit_and_refuses_any_other(tin
     assert (out / "results.json").read_bytes() == before  # refused runs leave the results as they were
 
 
+@pytest.mark.parametrize("name", ["memoir", "wise"])
+def test_a_long_cell_stopped_midway_goes_on_from_its_checkpoint_to_the_same_scores(tiny, tmp_path, monkeypatch, name):
+    from lemoe_store.bench import runner
+
+    model, tokenizer = tiny
+    facts = tiny_facts()[:4]
+    irrelevant = irrelevant_pool(tokenizer, tiny_facts()[8:])
+    monkeypatch.setattr(runner, "code_version", lambda: "1234abcd")
+    monkeypatch.setattr(runner, "CHECKPOINT_SECONDS", 0.0)  # save after every batch
+    cell = ("lifelong", name, model, tokenizer, facts, 1, SETTINGS, irrelevant, [[1]] * 4, [1.0] * 4)
+    whole = runner.run_one(*cell)
+
+    checkpoint = tmp_path / f"{name}.safetensors"
+    method_class = runner.METHODS[name]
+    edit, calls = method_class.edit, []
+
+    def stopped_after_two(self, batch):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the session ends mid-cell
+        calls.append(batch)
+        edit(self, batch)
+
+    monkeypatch.setattr(method_class, "edit", stopped_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_one(*cell, checkpoint=checkpoint)
+    monkeypatch.setattr(method_class, "edit", edit)
+    assert checkpoint.exists()
+    edited: list = []
+    monkeypatch.setattr(method_class, "edit", lambda self, batch: (edited.append(batch), edit(self, batch)))
+    resumed = runner.run_one(*cell, checkpoint=checkpoint)
+    assert len(edited) == 2 and not checkpoint.exists()  # only the last two batches ran; the checkpoint went
+    timing = ("seconds", "s_per_edit")
+    assert {k: v for k, v in asdict(resumed).items() if k not in timing} == \
+        {k: v for k, v in asdict(whole).items() if k not in timing}
+
+    monkeypatch.setattr(method_class, "edit", stopped_after_two)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_one(*cell, checkpoint=checkpoint)
+    monkeypatch.setattr(method_class, "edit", edit)
+    monkeypatch.setattr(runner, "code_version", lambda: "5678ef00")  # other code: its checkpoint is refused
+    with pytest.raises(BenchError, match="delete it to start the cell over"):
+        runner.run_one(*cell, checkpoint=checkpoint)
+
+
 def test_cli_bench_takes_a_slice_of_the_records(tiny_llama_dir, facts_file, tmp_path):
     out = tmp_path / "bench"
     common = ["bench", "lifelong", "--methods", "grace", "--data", str(facts_file), "--irrelevant", str(facts_file),
@@ -255,8 +302,6 @@ def test_long_form_rows_report_the_targets_perplexity_beside_the_base_models(tin
 
 
 def test_grid_cells_fanned_out_to_worker_processes_score_as_in_turn(tiny, tiny_llama_dir):
-    from dataclasses import asdict
-
     from lemoe_store.parallel import LocalWorkers
 
     model, tokenizer = tiny

@@ -95,6 +95,7 @@ class Method:
 
     name = "?"
     plans_order = False  # True: the benchmark lets the method re-order the T facts (LEMoE's planning)
+    resumable = False  # True: `state` / `load_state` let a long cell stop and go on from a checkpoint
     own_settings: ClassVar[dict] = {}  # the method's own hyper-parameters (its paper's, scaled to this model)
 
     @classmethod
@@ -117,6 +118,14 @@ class Method:
 
     def model_for_eval(self) -> nn.Module:
         return self.model
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What the edits so far wrote (tensors, and JSON values), for a resumable method's checkpoint."""
+        raise NotImplementedError(f"{self.name} cannot be checkpointed")
+
+    def load_state(self, tensors: dict[str, torch.Tensor], values: dict) -> None:
+        """Go on from `state()`'s output, taken on a fresh instance with the same settings."""
+        raise NotImplementedError(f"{self.name} cannot be checkpointed")
 
     def close(self) -> None:
         """Leave the shared model as it was before this method ran."""

@@ -106,6 +106,7 @@ class ResidualMemory(ProjectionInputAdaptor):
 class Memoir(Method):
     name = "memoir"
     lr = EDIT_LR
+    resumable = True
     own_settings = {"top_k_share": TOP_K_SHARE, "overlap_threshold": OVERLAP_THRESHOLD, "edit_lr": EDIT_LR,
                     "edit_steps": EDIT_STEPS, "weight_decay": WEIGHT_DECAY, "gradient_norm": GRADIENT_NORM,
                     "template_starts": list(TEMPLATE_STARTS), "template_tokens": list(TEMPLATE_LENGTHS),
@@ -121,6 +122,17 @@ class Memoir(Method):
                                    settings.seed)
         self.memory.background = self._mean_activation([pair.prompt for pair in (irrelevant or [])[:BACKGROUND_PROMPTS]])
         self.bytes_added = self.memory.residual.numel() * 4  # the memory: one dense matrix, as WISE's side memory
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        memory = self.memory
+        return {"residual": memory.residual.detach(), "edit_masks": memory.edit_masks}, {"bytes": self.bytes_added}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], values: dict) -> None:
+        memory = self.memory
+        with torch.no_grad():
+            memory.residual.copy_(tensors["residual"])
+        memory.edit_masks = tensors["edit_masks"].to(memory.edit_masks.device, torch.bool)
+        self.bytes_added = values["bytes"]
 
     def _clip_and_decay(self) -> None:
         """The reference's step: the gradient clipped to norm 1, then SGD's weight decay on W_m."""

@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..editing.batching import Pair
 from ..editing.metrics import (BaseGenerations, base_generations, evaluate, locality_pairs, locality_predictions,
                                target_perplexities)
+from ..errors import BenchError
 from ..schemas.facts import Fact
 from . import PROTOCOLS, TITLES
 from .base import BenchSettings, Method
@@ -107,20 +110,32 @@ def make_method(name: str, model, tokenizer, settings: BenchSettings, irrelevant
 
 def run_one(mode: str, name: str, model, tokenizer, facts: list[Fact], batch_size: int, settings: BenchSettings,
             irrelevant: list[Pair], base_locality: list[list[int]], base_perplexities: list[float],
-            base: BaseGenerations | None = None) -> Result:
-    """One method at one T; `base` (the unedited model's generations for `facts`) turns on the WILD protocol."""
+            base: BaseGenerations | None = None, checkpoint: Path | None = None) -> Result:
+    """One method at one T; `base` (the unedited model's generations for `facts`) turns on the WILD protocol.
+    With `checkpoint`, a resumable method (WISE, MEMOIR: hours per cell here) saves what it has edited there
+    every `CHECKPOINT_SECONDS`, and goes on from a checkpoint it finds; the file goes once the cell is done."""
     torch.manual_seed(settings.seed)
     method = make_method(name, model, tokenizer, settings, irrelevant)
+    checkpoint = checkpoint if method.resumable else None
     try:
         began = time.perf_counter()
         batches = method.order(facts, batch_size if mode == "lifelong" else len(facts))
-        for batch in batches:
-            method.edit(batch)
         seconds = time.perf_counter() - began
+        done, seconds = _restore(method, checkpoint, len(facts)) if checkpoint and checkpoint.exists() else (0, seconds)
+        saved_at = time.monotonic()
+        for number in range(done, len(batches)):
+            began = time.perf_counter()
+            method.edit(batches[number])
+            seconds += time.perf_counter() - began
+            if checkpoint and time.monotonic() - saved_at > CHECKPOINT_SECONDS and number + 1 < len(batches):
+                _save_checkpoint(method, checkpoint, len(facts), number + 1, seconds)
+                saved_at = time.monotonic()
         scores = evaluate(method.model_for_eval(), tokenizer, facts, base_locality=base_locality,
                           generate=base is not None, base=base, base_perplexities=base_perplexities)
     finally:
         method.close()
+    if checkpoint:
+        checkpoint.unlink(missing_ok=True)
     rounded = scores.to_dict()
     wild = {k: rounded[k] for k in ("wild_rel", "wild_gen", "wild_loc", "wild_portability", "fluency", "base_fluency",
                                     "degenerate", "base_degenerate")}
@@ -129,6 +144,33 @@ def run_one(mode: str, name: str, model, tokenizer, facts: list[Fact], batch_siz
                   round(seconds, 2), round(seconds / len(facts), 3), round(method.bytes_added / len(facts)),
                   rounded["portability"], rounded["ppl"], rounded["base_ppl"],
                   wild_mean=None if scores.wild_mean is None else round(scores.wild_mean, 4), **wild)
+
+
+CHECKPOINT_SECONDS = 600.0
+
+
+def _save_checkpoint(method: Method, path: Path, size: int, batches: int, seconds: float) -> None:
+    tensors, values = method.state()
+    record = {"commit": code_version(), "method": method.name, "T": size, "batches": batches, "seconds": seconds}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")  # a run killed while saving keeps the last whole checkpoint
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, partial,
+              metadata={"record": json.dumps(record), "values": json.dumps(values)})
+    partial.replace(path)
+
+
+def _restore(method: Method, path: Path, size: int) -> tuple[int, float]:
+    """Load a checkpoint into `method`; (batches done, editing seconds so far). Refuses one that another
+    commit, method or T wrote, or any from code with uncommitted changes."""
+    with safe_open(path, "pt") as opened:
+        record, values = (json.loads(opened.metadata()[key]) for key in ("record", "values"))
+        tensors = {key: opened.get_tensor(key) for key in opened.keys()}
+    commit = code_version()
+    if (record["method"], record["T"]) != (method.name, size) or record["commit"] != commit or commit.endswith("+dirty"):
+        raise BenchError(f"{path}: a checkpoint of {record['method']} at T = {record['T']} from {record['commit']}, "
+                         f"not of {method.name} at T = {size} from {commit}; delete it to start the cell over")
+    method.load_state(tensors, values)
+    return record["batches"], record["seconds"]
 
 
 @dataclass(frozen=True)
@@ -148,6 +190,7 @@ class Cell:
     model: str = ""  # for a worker: the model's id or directory, and where it runs
     device: str = "cpu"
     threads: int = 1
+    checkpoint: str = ""  # where a resumable method keeps its progress ("" : nowhere)
 
     @property
     def label(self) -> str:
@@ -163,7 +206,7 @@ def run_cell(cell: Cell, model=None, tokenizer=None) -> Result:
         model, tokenizer = worker_model(cell.model, cell.device)
     facts = [Fact.from_record(record) for record in cell.facts]
     return run_one(cell.mode, cell.method, model, tokenizer, facts, cell.batch_size, cell.settings, cell.irrelevant,
-                   cell.base_locality, cell.base_perplexities, cell.base)
+                   cell.base_locality, cell.base_perplexities, cell.base, Path(cell.checkpoint) if cell.checkpoint else None)
 
 
 def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str], sizes: list[int], batch_size: int,
@@ -171,11 +214,12 @@ def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str],
              on_start: Callable[[str, int], None] | None = None,
              on_result: Callable[[Result], None] | None = None, protocol: str = "tf",
              workers: Workers | None = None, model_name: str = "", device: str = "cpu",
-             done: Collection[tuple[str, int]] = ()) -> list[Result]:
+             done: Collection[tuple[str, int]] = (), checkpoints: Path | None = None) -> list[Result]:
     """Every method at every T but the (method, T) cells in `done`, smallest T first: a grid stopped early
     holds every method's small cells. The base model's locality predictions (and, for the WILD protocol,
     its generations) are taken once, before any edit. With `workers` (`parallel.workers_for`), the cells
-    run at once in worker processes that load `model_name` themselves; the results come back in grid order."""
+    run at once in worker processes that load `model_name` themselves; the results come back in grid order.
+    With `checkpoints` (a folder), long cells of resumable methods save their progress there (`run_one`)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     for name in methods:
@@ -193,9 +237,10 @@ def run_grid(mode: str, model, tokenizer, facts: list[Fact], methods: list[str],
         subset = facts[:size]
         localities = sum(len(f.locality) for f in subset)
         generations = generated and BaseGenerations(generated.locality[:localities], generated.continuations[:size])
+        checkpoint = str(checkpoints / f"{name}-T{size}.safetensors") if checkpoints else ""
         cells.append(Cell(len(cells), mode, name, [f.to_record() for f in subset], batch_size, settings, irrelevant,
                           base_all[:localities], base_perplexities[:size], generations, model_name, device,
-                          getattr(workers, "threads", 1)))
+                          getattr(workers, "threads", 1), checkpoint))
     if workers is None:
         outcomes = _in_turn(cells, model, tokenizer, on_start)
     else:
@@ -226,7 +271,7 @@ _RUN_KEYS = ("mode", "data", "records", "irrelevant", "model", "layer", "batch_s
 
 def resumable(out_dir: Path, meta: dict) -> tuple[list[Result], dict]:
     """The rows and the run record of `out_dir`'s results.json, for a run that continues it (none and {}
-    when there is no file). Refuses (ValueError) when the two runs differ in anything that shapes a figure:
+    when there is no file). Refuses (BenchError) when the two runs differ in anything that shapes a figure:
     the code's commit, the data, the model, the protocol or a method's settings, so one results file never
     mixes runs."""
     path = out_dir / "results.json"
@@ -234,20 +279,20 @@ def resumable(out_dir: Path, meta: dict) -> tuple[list[Result], dict]:
         return [], {}
     commit = meta.get("commit")
     if commit is None or commit.endswith("+dirty"):
-        raise ValueError(f"cannot resume from code with uncommitted changes ({commit or 'not a git checkout'}): "
+        raise BenchError(f"cannot resume from code with uncommitted changes ({commit or 'not a git checkout'}): "
                          "commit them first")
     try:
         saved = json.loads(path.read_text())
         rows = [Result(**{k: v for k, v in row.items() if k != "title"}) for row in saved["results"]]
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not a benchmark results file ({error})") from None
+        raise BenchError(f"{path}: not a benchmark results file ({error})") from None
     for key in _RUN_KEYS:
         if saved.get(key) != meta.get(key):
-            raise ValueError(f"{path} was made with {key} = {saved.get(key)!r}, this run has {meta.get(key)!r}")
+            raise BenchError(f"{path} was made with {key} = {saved.get(key)!r}, this run has {meta.get(key)!r}")
     for name, settings in meta.get("settings", {}).items():
         earlier = saved.get("settings", {}).get(name)
         if earlier is not None and earlier != settings:
-            raise ValueError(f"{path} ran {name} with other settings: {earlier} (now {settings})")
+            raise BenchError(f"{path} ran {name} with other settings: {earlier} (now {settings})")
     saved.pop("results")
     return rows, saved
 

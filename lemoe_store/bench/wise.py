@@ -126,6 +126,7 @@ class SideMemory(ProjectionInputAdaptor):
 class Wise(Method):
     name = "wise"
     lr = EDIT_LR
+    resumable = True
     own_settings = {"edit_lr": EDIT_LR, "weight_decay": WEIGHT_DECAY, "edit_steps": EDIT_STEPS, "mask_ratio": MASK_RATIO,
                     "act_ratio": ACT_RATIO, "norm_constraint": NORM_CONSTRAINT, "save_freq": SAVE_FREQ,
                     "merge_freq": MERGE_FREQ, "density": DENSITY, "later_merge_weight": LATER_MERGE_WEIGHT,
@@ -168,6 +169,29 @@ class Wise(Method):
             self._save_shard()
             self._merge()
         return self.model
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        memory = self.memory
+        tensors = {"current": memory.current.detach(), "merged": memory.merged, "gradient_mask": memory.gradient_mask,
+                   "generator": self.generator.get_state()}
+        tensors |= {f"saved.{i}": shard for i, shard in enumerate(memory.saved)}
+        values = {"edits": self.edits, "smallest_edit_distance": memory.smallest_edit_distance,
+                  "saved": len(memory.saved), "random": self.random.getstate()}
+        return tensors, values
+
+    def load_state(self, tensors: dict[str, torch.Tensor], values: dict) -> None:
+        memory = self.memory
+        device = memory.current.device
+        with torch.no_grad():
+            memory.current.copy_(tensors["current"])
+        memory.merged = tensors["merged"].to(device)
+        memory.gradient_mask = tensors["gradient_mask"].to(device)
+        memory.saved = [tensors[f"saved.{i}"].to(device) for i in range(values["saved"])]
+        memory.smallest_edit_distance = values["smallest_edit_distance"]
+        self.generator.set_state(tensors["generator"])
+        version, internal, gauss = values["random"]  # JSON gave lists back: random wants tuples
+        self.random.setstate((version, tuple(internal), gauss))
+        self.edits = values["edits"]
 
     def edit(self, batch: list[Fact]) -> None:
         for fact in batch:  # one edit at a time, as the reference's sequential editing

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -10,6 +11,7 @@ import typer
 from rich.table import Table
 
 from .. import models
+from ..errors import BenchError
 from ..bench import DEFAULT_METHODS, PROTOCOLS, TITLES
 from ..schemas.facts import load_facts
 from .output import console, err_console, fmt, print_json
@@ -39,8 +41,8 @@ Ray = Annotated[str | None, typer.Option(
     "--ray", is_flag=False, flag_value="local", metavar="[ADDRESS]",
     help="Run the grid's cells on a Ray cluster (at ADDRESS; alone: a local one). Needs lemoe-store[ray].")]
 Resume = Annotated[bool, typer.Option(
-    "--resume", help="Keep the cells --out's results.json already holds and run the rest (same commit, data and "
-                     "settings only).")]
+    "--resume", help="Keep the cells --out's results.json already holds and run the rest, long cells from their "
+                     "last checkpoint (same commit, data and settings only).")]
 
 
 def _sizes(text: str) -> list[int]:
@@ -93,11 +95,14 @@ def _run(mode: str, methods: str, sizes: str, data: Path, records: str | None, i
     if resume:
         try:
             done, earlier = resumable(out, meta)
-        except ValueError as error:
+        except BenchError as error:
             raise typer.BadParameter(str(error), param_hint="--resume") from None
         meta["settings"] = {**earlier.get("settings", {}), **meta["settings"]}
         earlier_seconds = earlier.get("seconds_total", 0.0)
     kept = list(done)
+    checkpoints = out / "checkpoints"  # long cells' progress (WISE, MEMOIR): only a resumed run reads it
+    if not resume:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     base, tokenizer = models.load_model(model, device="auto")
     began = time.perf_counter()
 
@@ -111,7 +116,7 @@ def _run(mode: str, methods: str, sizes: str, data: Path, records: str | None, i
     results = run_grid(mode, base, tokenizer, facts, names, counts, batch_size, settings,
                        irrelevant_pool(tokenizer, irrelevant_facts), on_start=started, on_result=finished, protocol=protocol,
                        workers=cell_workers, model_name=model, device=str(models.resolve_device("auto")),
-                       done={(r.method, r.T) for r in kept})
+                       done={(r.method, r.T) for r in kept}, checkpoints=checkpoints)
     results = kept + results
     meta["seconds_total"] = round(earlier_seconds + time.perf_counter() - began, 1)
     json_path, png_path = save(results, out, meta)
