@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -136,6 +137,8 @@ def test_versions_share_tree_pages_so_a_commit_adds_what_changed_not_the_whole_t
     assert store.objects.size(ids[-1]) + store.objects.size(last.page_ids[-1]) < full_tree_bytes / 4
     page_sizes = [len(store._read_page(page)) for page in last.page_ids]
     assert page_sizes == [PAGE_SIZE, PAGE_SIZE, 3]
+    # a commit read back serialises to its stored bytes, through its known page ids or from its tree
+    assert last.to_bytes() == replace(last, page_ids=None).to_bytes() == store.objects.get(ids[-1])
     assert fsck(store).ok and gc(store).unreachable == []
 
 

@@ -11,8 +11,8 @@ import typer
 from rich.table import Table
 
 from .. import models
-from ..errors import BenchError
 from ..bench import DEFAULT_METHODS, PROTOCOLS, TITLES
+from ..errors import BenchError
 from ..schemas.facts import load_facts
 from .output import console, err_console, fmt, print_json
 

@@ -10,9 +10,10 @@ commits still read).
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from ..schemas import first_error
 from .errors import CorruptObjectError
@@ -46,7 +47,8 @@ class Commit:
     seed: int = 0
     metrics: dict = field(default_factory=dict)
     reverts: str | None = None
-    # The ids of the pages the tree was read from (None: not read from a format-2 object); not serialised.
+    # The ids of the tree's pages, once read or written (None: not yet known); not serialised. A commit
+    # with another tree must drop them: `dataclasses.replace(c, tree=..., page_ids=None)`.
     page_ids: tuple[str, ...] | None = field(default=None, compare=False)
 
     def pages(self) -> list[tuple[str, bytes]]:
@@ -59,10 +61,11 @@ class Commit:
         return pages
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        del data["page_ids"], data["tree"]
+        """The manifest as JSON values; the tree goes by its pages' ids (`page_ids` when known)."""
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in ("tree", "page_ids")}
+        data["expert"] = asdict(self.expert) if self.expert else None
         data["format"] = FORMAT
-        data["tree_pages"] = [oid for oid, _ in self.pages()]
+        data["tree_pages"] = list(self.page_ids) if self.page_ids is not None else [oid for oid, _ in self.pages()]
         if self.reverts is None:
             del data["reverts"]
         return data

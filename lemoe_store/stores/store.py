@@ -15,6 +15,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 
 import sqlite_utils
@@ -114,8 +115,10 @@ class Store:
 
     def put_commit(self, commit: Commit) -> str:
         """Store a commit object and its tree pages (invisible until a ref points at it); return its id."""
-        for _, page in commit.pages():  # the pages first: a manifest never names a missing page
+        pages = commit.pages()
+        for _, page in pages:  # the pages first: a manifest never names a missing page
             self.objects.put(page)
+        commit = replace(commit, page_ids=tuple(oid for oid, _ in pages))
         cid = self.objects.put(commit.to_bytes())
         self._index_commit(cid, commit)
         return cid
