@@ -157,6 +157,24 @@ def test_wise_merges_its_shards_by_ties_relative_to_w_as_computed_by_hand(tiny):
     method.close()
 
 
+def test_wise_merges_the_shard_its_last_edit_saved_before_scoring(tiny, monkeypatch):
+    """At T = save_freq the last edit saves W' as a shard and empties it; the reference's final merge still
+    merges that shard, or the edits would be read from nowhere."""
+    from lemoe_store.bench import wise
+
+    monkeypatch.setattr(wise, "SAVE_FREQ", 2)
+    monkeypatch.setattr(wise, "MERGE_FREQ", 4)
+    model, tokenizer = tiny
+    method = make_method("wise", model, tokenizer, SETTINGS, irrelevant_pool(tokenizer, tiny_facts()[8:]))
+    method.edit(tiny_facts()[:2])
+    memory = method.memory
+    (shard,) = memory.saved
+    assert not memory.current.any() and not memory.merged.any()
+    method.model_for_eval()
+    assert memory.saved == [] and torch.equal(memory.merged, ties_merge([shard], [1.0])) and memory.merged.any()
+    method.close()
+
+
 def test_run_grid_writes_results_and_plot(tiny, tmp_path):
     model, tokenizer = tiny
     facts = tiny_facts()

@@ -164,9 +164,11 @@ class Wise(Method):
         return float(recorded[0].norm(dim=-1)[data.mask.bool()].mean())
 
     def model_for_eval(self) -> nn.Module:
-        memory = self.memory
-        if self.edits >= SAVE_FREQ and bool(memory.current.any()):  # the reference's final merge
-            self._save_shard()
+        """The reference's final merge, once SAVE_FREQ edits are in: W' joins the saved shards if it holds
+        edits, and whatever is saved is merged (at T = 500 the shard saved by the last edit, W' being empty)."""
+        if self.edits >= SAVE_FREQ:
+            if bool(self.memory.current.any()):
+                self._save_shard()
             self._merge()
         return self.model
 
