@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from conftest import CORPUS, tiny_facts
 from lemoe_store.bench import METHODS, TITLES, BenchSettings, run_grid, save
 from lemoe_store.bench.runner import irrelevant_pool, make_method
-from lemoe_store.bench.wise import ties_merge
+from lemoe_store.bench.wise import MAIN, ties_merge
 from lemoe_store.cli import app
 from lemoe_store.editing import evaluate
 from lemoe_store.editing.batching import encode_pair, encode_prompt
@@ -43,14 +43,14 @@ def test_every_method_edits_and_leaves_the_model_as_it_was(tiny, name):
     model, tokenizer = tiny
     # WISE writes every edit into one side memory; in a 64-wide random model the edits overwrite each other
     # (8 in turn keep Rel ~0.2 even at lr 10), so it is checked on 2 (SmolLM2's figures: benchmarks/README).
-    facts = tiny_facts()[: 2 if name == "wise" else 8]
+    facts = tiny_facts()[: 2 if name.startswith("wise") else 8]
     probe = "0 1 2 3 4 5 6 7 8"
     before = _logits(model, tokenizer, probe)
     base_rel = evaluate(model, tokenizer, facts).rel
     method = make_method(name, model, tokenizer, SETTINGS, irrelevant_pool(tokenizer, tiny_facts()[8:]))
     if name == "ft-l":  # a random tiny model needs a far looser constraint than SmolLM2 (see the next test)
         method.lr, method.eps = 1e-2, 1.0
-    if name in ("wise", "memoir"):  # ... and a larger step than lr 1.0, which (WISE's 70 steps, MEMOIR's 30 with
+    if name in ("wise", "wise-retrieve", "memoir"):  # ... and a larger step than lr 1.0, which (WISE's 70 steps, MEMOIR's 30 with
         method.lr = 10.0            # the gradient clipped to norm 1) does not move its flat logits enough
     for batch in method.order(facts, 4):
         method.edit(batch)
@@ -175,6 +175,40 @@ def test_wise_merges_the_shard_its_last_edit_saved_before_scoring(tiny, monkeypa
     method.close()
 
 
+def test_wise_retrieve_keeps_each_shard_apart_and_routes_as_the_reference(tiny):
+    model, tokenizer = tiny
+    method = make_method("wise-retrieve", model, tokenizer, SETTINGS, [])
+    memory = method.memory
+    shards = [torch.randn_like(memory.current) for _ in range(2)]
+    for shard, distance in zip(shards, (30.0, 20.0)):  # two shards of edits, saved in turn
+        with torch.no_grad():
+            memory.current.copy_(shard)
+        memory.smallest_edit_distance = distance
+        method._save_shard()
+    assert [torch.equal(kept, shard) for kept, shard in zip(memory.memories, shards)] == [True, True]
+    assert memory.memory_distances == [30.0, 20.0] and memory.smallest_edit_distance == float("inf")
+    assert not memory.current.any()
+    # thresholds (act_ratio 0.88): W' 8.8 (its shard's edits had d 10), memory 1 26.4, memory 2 17.6
+    memory.smallest_edit_distance = 10.0
+    gaps = torch.tensor([[9.0, 9.0, 30.0, 9.0, 9.0],    # d of W'
+                         [27.0, 20.0, 40.0, 8.0, 27.0],  # d of memory 1
+                         [1.0, 1.0, 1.0, 19.0, 30.0]])   # d of memory 2
+    # 0: memory 1, past its threshold; 1: W' (9 >= 8.8), memory 1 under its threshold; 2: memory 1 beyond W''s
+    # d; 3: memory 2; 4: both memories past their thresholds, the larger d wins
+    assert memory.route(gaps).tolist() == [1, 0, 1, 2, 2]
+    # the reference's order: a memory past its own threshold (4 > 0.88 × 4) but not beyond W''s d (5) is not
+    # read, even though W' itself stays under its threshold (5 < 8.8): the main memory answers
+    unread = torch.tensor([[5.0], [4.0], [1.0]])
+    memory.memory_distances = [4.0, 20.0]
+    assert memory.route(unread).tolist() == [MAIN]
+    # every 1,000 edits the last two memories become their TIES merge relative to W, with the smaller threshold
+    memory.memory_distances = [30.0, 20.0]
+    method._merge()
+    assert len(memory.memories) == 1 and torch.equal(memory.memories[0], ties_merge(shards, [0.5, 0.5]))
+    assert memory.memory_distances == [20.0]
+    method.close()
+
+
 def test_run_grid_writes_results_and_plot(tiny, tmp_path):
     model, tokenizer = tiny
     facts = tiny_facts()
@@ -245,9 +279,12 @@ def test_cli_bench_resumes_a_grid_from_the_same_commit_and_refuses_any_other(tin
     assert (out / "results.json").read_bytes() == before  # refused runs leave the results as they were
 
 
-@pytest.mark.parametrize("name", ["memoir", "wise"])
+@pytest.mark.parametrize("name", ["memoir", "wise", "wise-retrieve"])
 def test_a_long_cell_stopped_midway_goes_on_from_its_checkpoint_to_the_same_scores(tiny, tmp_path, monkeypatch, name):
-    from lemoe_store.bench import runner
+    from lemoe_store.bench import runner, wise
+
+    monkeypatch.setattr(wise, "SAVE_FREQ", 1)  # WISE saves a shard after every edit and merges every two,
+    monkeypatch.setattr(wise, "MERGE_FREQ", 2)  # so the checkpoints hold saved and merged memories
 
     model, tokenizer = tiny
     facts = tiny_facts()[:4]

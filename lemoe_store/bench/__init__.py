@@ -19,6 +19,7 @@ TITLES = {
     "ft-l": "FT-L",
     "grace": "GRACE",
     "wise": "WISE",
+    "wise-retrieve": "WISE-Retrieve",
     "memoir": "MEMOIR",
 }
 DEFAULT_METHODS = ("lemoe-anchors", "ft-l", "grace", "wise", "memoir", "moe")

@@ -33,7 +33,7 @@ from .grace import Grace
 from .lemoe import Lemoe, LemoeNoPlan, LemoePaperRouting
 from .memoir import Memoir
 from .moe import LearnedRouterFrozenExperts, LearnedRouterMoE
-from .wise import Wise
+from .wise import Wise, WiseRetrieve
 
 if TYPE_CHECKING:
     from ..parallel import LocalWorkers, RayWorkers
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
     for cls in (Lemoe, LemoePaperRouting, LemoeNoPlan, LearnedRouterFrozenExperts, LearnedRouterMoE, FineTuneLayer,
-                Grace, Wise, Memoir)
+                Grace, Wise, WiseRetrieve, Memoir)
 }
 
 
@@ -103,7 +103,7 @@ def method_class(name: str) -> type[Method]:
 
 def make_method(name: str, model, tokenizer, settings: BenchSettings, irrelevant: list[Pair]) -> Method:
     cls = method_class(name)
-    if cls in (Wise, Memoir):  # both estimate their routing from prompts that are never edited
+    if issubclass(cls, (Wise, Memoir)):  # both estimate their routing from prompts that are never edited
         return cls(model, tokenizer, settings, irrelevant)
     return cls(model, tokenizer, settings)
 

@@ -18,7 +18,13 @@
 Deviations, each forced by this setting: routing averages d over the prompt's tokens and decides at
 prefill (the reference averages every token it is given, the answer included, which free generation
 cannot); d averages real tokens, not padding; the margins (5, 20, 10) are in units of a quarter of this
-model's FFN output norm (the reference's values are for LLaMA-2-7B's scale). WISE-Retrieve is not built.
+model's FFN output norm (the reference's values are for LLaMA-2-7B's scale).
+
+WISE-Retrieve (`wise-retrieve`, the reference's `retrieve: True`, without replay as its defaults): every
+saved shard stays a memory of its own, with its own threshold (act_ratio × the smallest d of its edits);
+every 1,000 edits the last two are TIES-merged relative to W into one, whose threshold is the smaller of
+theirs. A query reads W' when its d reaches W''s threshold, and instead a saved memory whose d is past
+that memory's threshold and larger than W''s and any earlier pick; else the main memory. No final merge.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ LATER_MERGE_WEIGHT = 0.6  # the previous merged memory's weight in a later merge
 # quarter of this model's typical FFN output norm at the layer.
 MARGINS = (1.0, 4.0, 2.0)
 
-MAIN, MERGED, CURRENT = 0, 1, 2  # which memory a row reads
+MAIN = -1  # a row that reads the main memory (W alone); any other reading indexes `SideMemory.readable()`
 
 
 def ties_merge(deltas: list[torch.Tensor], weights: list[float], density: float = DENSITY) -> torch.Tensor:
@@ -87,7 +93,7 @@ class SideMemory(ProjectionInputAdaptor):
         self.smallest_edit_distance = float("inf")
         self.training_tokens: torch.Tensor | None = None  # while an edit trains: its rows' real tokens; all read W'
         self.last_distances: torch.Tensor | None = None  # (B,) d of W' on each row, over its real tokens
-        self._reading: torch.Tensor | None = None  # (B,) MAIN / MERGED / CURRENT per row
+        self._reading: torch.Tensor | None = None  # (B,) MAIN, or the index in `readable()` of what each row reads
 
     @staticmethod
     def distance(out: torch.Tensor, change: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -99,34 +105,70 @@ class SideMemory(ProjectionInputAdaptor):
     def threshold(self) -> float:
         return ACT_RATIO * self.smallest_edit_distance
 
+    def readable(self) -> list[torch.Tensor]:
+        """The deltas a query may read, W' first."""
+        return [self.current, self.merged]
+
+    def route(self, gaps: torch.Tensor) -> torch.Tensor:
+        """(B,) what each row reads, from (M, B) d of each of `readable()`: the memory that moved it
+        furthest, unless both stay under the threshold."""
+        current, merged = gaps
+        quiet = (merged < self.threshold()) & (current < self.threshold())
+        return torch.where(quiet, MAIN, torch.where(merged > current, 1, 0))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         if self._bypass:
             return out
         activation = self._activation
-        current = activation @ self.current.T.to(out.dtype)
         if self.training_tokens is not None:
+            current = activation @ self.current.T.to(out.dtype)
             self._prefill = None
             self.last_distances = self.distance(out, current, self.training_tokens)
             return out + current
-        merged = activation @ self.merged.T.to(out.dtype)
+        memories = self.readable()
         if self._prefill is not None:
             prompt_mask, _ = self.prompt_layout()
             self._prefill = None
-            d_merged = self.distance(out, merged, prompt_mask)
-            d_current = self.distance(out, current, prompt_mask)
-            quiet = (d_merged < self.threshold()) & (d_current < self.threshold())
-            self._reading = torch.where(quiet, MAIN, torch.where(d_merged > d_current, MERGED, CURRENT))
+            self._reading = self.route(torch.stack([self.distance(out, activation @ memory.T.to(out.dtype), prompt_mask)
+                                                    for memory in memories]))
         if self._reading is None:
             return out
-        reading = self._reading[:, None, None]
-        return torch.where(reading == MERGED, out + merged, torch.where(reading == CURRENT, out + current, out))
+        for index, memory in enumerate(memories):
+            rows = self._reading == index
+            if bool(rows.any()):
+                out = torch.where(rows[:, None, None], out + activation @ memory.T.to(out.dtype), out)
+        return out
+
+
+class RetrievalMemory(SideMemory):
+    """WISE-Retrieve's memories: W' and every saved (or merged) memory, each with its own threshold."""
+
+    def __init__(self, base: nn.Module, hidden: int, config: EditConfig, layer: int) -> None:
+        super().__init__(base, hidden, config, layer)
+        self.memories: list[torch.Tensor] = []
+        self.memory_distances: list[float] = []  # each memory's smallest edit d, as `smallest_edit_distance`
+
+    def readable(self) -> list[torch.Tensor]:
+        return [self.current, *self.memories]
+
+    def route(self, gaps: torch.Tensor) -> torch.Tensor:
+        """The reference's order: W' if its d reaches its threshold; then each saved memory in turn takes
+        the row if its d is past its own threshold and beyond the largest d so far (W''s included)."""
+        reading = torch.where(gaps[0] >= self.threshold(), 0, MAIN)
+        best = gaps[0]
+        for index, distance in enumerate(self.memory_distances, start=1):
+            wins = (gaps[index] > best) & (gaps[index] > ACT_RATIO * distance)
+            reading = torch.where(wins, index, reading)
+            best = torch.where(wins, gaps[index], best)
+        return reading
 
 
 class Wise(Method):
     name = "wise"
     lr = EDIT_LR
     resumable = True
+    memory_class: type[SideMemory] = SideMemory
     own_settings = {"edit_lr": EDIT_LR, "weight_decay": WEIGHT_DECAY, "edit_steps": EDIT_STEPS, "mask_ratio": MASK_RATIO,
                     "act_ratio": ACT_RATIO, "norm_constraint": NORM_CONSTRAINT, "save_freq": SAVE_FREQ,
                     "merge_freq": MERGE_FREQ, "density": DENSITY, "later_merge_weight": LATER_MERGE_WEIGHT,
@@ -138,7 +180,7 @@ class Wise(Method):
         super().__init__(model, tokenizer, settings)
         config = EditConfig(layer=settings.layer)
         self.templates = reference_templates(model, tokenizer)
-        self.memory = insert(model, lambda mlp, hidden: SideMemory(mlp, hidden, config, settings.layer), settings.layer)
+        self.memory = insert(model, lambda mlp, hidden: self.memory_class(mlp, hidden, config, settings.layer), settings.layer)
         self.irrelevant = irrelevant or []
         self.random = random.Random(settings.seed)
         self.generator = torch.Generator().manual_seed(settings.seed)
@@ -265,3 +307,50 @@ class Wise(Method):
             memory.current.requires_grad_(False)
         # as the reference: the edit rows' d at the last step's forward sets the routing threshold
         memory.smallest_edit_distance = min(memory.smallest_edit_distance, float(memory.last_distances[:edits].detach().mean()))
+
+
+class WiseRetrieve(Wise):
+    """WISE-Retrieve: the saved shards stay apart, each read on its own threshold (module docstring)."""
+
+    name = "wise-retrieve"
+    memory_class = RetrievalMemory
+    own_settings = {**Wise.own_settings, "retrieve": True, "replay": False}
+
+    def __init__(self, model, tokenizer, settings: BenchSettings, irrelevant: list[Pair] | None = None) -> None:
+        super().__init__(model, tokenizer, settings, irrelevant)
+        self.bytes_added = self.memory.current.numel() * 4  # W'; each saved memory adds as much
+
+    def model_for_eval(self) -> nn.Module:
+        return self.model  # the reference merges nothing before scoring in retrieve mode
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, values = super().state()
+        tensors |= {f"memories.{i}": memory for i, memory in enumerate(self.memory.memories)}
+        return tensors, values | {"memory_distances": self.memory.memory_distances}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], values: dict) -> None:
+        super().load_state(tensors, values)
+        memory = self.memory
+        memory.memory_distances = list(values["memory_distances"])
+        memory.memories = [tensors[f"memories.{i}"].to(memory.current.device) for i in range(len(memory.memory_distances))]
+        self.bytes_added = (1 + len(memory.memories)) * memory.current.numel() * 4
+
+    def _save_shard(self) -> None:
+        memory = self.memory
+        memory.memories.append(memory.current.detach().clone())
+        memory.memory_distances.append(memory.smallest_edit_distance)
+        memory.smallest_edit_distance = float("inf")  # W''s threshold starts again with the next shard
+        with torch.no_grad():
+            memory.current.zero_()
+        self.bytes_added += memory.current.numel() * 4
+
+    def _merge(self) -> None:
+        """The last MERGE_FREQ / SAVE_FREQ memories become one, by TIES relative to W at equal weights."""
+        memory, count = self.memory, MERGE_FREQ // SAVE_FREQ
+        if len(memory.memories) < count:
+            return
+        merged = ties_merge(memory.memories[-count:], [1.0 / count] * count)
+        distance = min(memory.memory_distances[-count:])
+        memory.memories[-count:] = [merged]
+        memory.memory_distances[-count:] = [distance]
+        self.bytes_added -= (count - 1) * memory.current.numel() * 4
