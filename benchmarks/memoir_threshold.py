@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,10 @@ from lemoe_store.editing import evaluate
 from lemoe_store.editing.batching import encode_prompt
 from lemoe_store.editing.metrics import locality_predictions
 from lemoe_store.models import load_model
-from lemoe_store.schemas.facts import Fact, load_facts
+from lemoe_store.schemas.facts import Fact
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from never_edited import records_and_never_edited  # noqa: E402
 
 
 def overlaps(method: Memoir, tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -49,16 +53,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/memoir_threshold.json"))
     args = parser.parse_args()
 
+    records, background = records_and_never_edited(parser, args.data, args.background, args.T, "--background")
     model, tokenizer = load_model(args.model)
-    records = load_facts(args.data, skipped=[])
-    first, last = (int(x) for x in args.background.split(":"))
-    if first < args.T:
-        parser.error("--background must not overlap the T edited facts")
     facts = records[: args.T]
     edits = [Fact(prompt=f.prompt, target=f.target, id=f.id, subject=f.subject) for f in facts]
     base_locality = locality_predictions(model, tokenizer, facts)
     torch.manual_seed(0)
-    method = Memoir(model, tokenizer, BenchSettings(), irrelevant_pool(tokenizer, records[first:last]))
+    method = Memoir(model, tokenizer, BenchSettings(), irrelevant_pool(tokenizer, background))
     began = time.perf_counter()
     for start in range(0, len(edits), 10):
         method.edit(edits[start : start + 10])

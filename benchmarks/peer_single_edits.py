@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -35,7 +36,10 @@ from lemoe_store.bench import wise as wise_module
 from lemoe_store.bench.runner import code_version, make_method
 from lemoe_store.editing.batching import encode_pair, teacher_forced, token_accuracy
 from lemoe_store.models import load_model
-from lemoe_store.schemas.facts import Fact, load_facts
+from lemoe_store.schemas.facts import Fact
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from never_edited import records_and_never_edited  # noqa: E402
 
 MODULES = {"wise": wise_module, "memoir": memoir_module}
 
@@ -120,12 +124,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
+    records, never_edited = records_and_never_edited(parser, args.data, args.irrelevant, args.facts, "--irrelevant")
     model, tokenizer = load_model(args.model)
-    records = load_facts(args.data, skipped=[])
-    first, last = (int(x) for x in args.irrelevant.split(":"))
-    if first < args.facts:
-        parser.error("--irrelevant must not overlap the edited facts")
-    irrelevant = irrelevant_pool(tokenizer, records[first:last])
+    irrelevant = irrelevant_pool(tokenizer, never_edited)
     module = MODULES[args.method]
     rows = []
     with Recorder(module) as recorder:
