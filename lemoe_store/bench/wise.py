@@ -127,17 +127,19 @@ class SideMemory(ProjectionInputAdaptor):
             self.last_distances = self.distance(out, current, self.training_tokens)
             return out + current
         memories = self.readable()
+        changes: list[torch.Tensor] | None = None  # at prefill each memory's change is computed once, for both uses
         if self._prefill is not None:
             prompt_mask, _ = self.prompt_layout()
             self._prefill = None
-            self._reading = self.route(torch.stack([self.distance(out, activation @ memory.T.to(out.dtype), prompt_mask)
-                                                    for memory in memories]))
+            changes = [activation @ memory.T.to(out.dtype) for memory in memories]
+            self._reading = self.route(torch.stack([self.distance(out, change, prompt_mask) for change in changes]))
         if self._reading is None:
             return out
         for index, memory in enumerate(memories):
             rows = self._reading == index
             if bool(rows.any()):
-                out = torch.where(rows[:, None, None], out + activation @ memory.T.to(out.dtype), out)
+                change = changes[index] if changes is not None else activation @ memory.T.to(out.dtype)
+                out = torch.where(rows[:, None, None], out + change, out)
         return out
 
 
