@@ -179,6 +179,8 @@ def test_wise_retrieve_keeps_each_shard_apart_and_routes_as_the_reference(tiny):
     model, tokenizer = tiny
     method = make_method("wise-retrieve", model, tokenizer, SETTINGS, [])
     memory = method.memory
+    one_copy = memory.current.numel() * 4  # W' and each saved memory are copies of the layer's weight
+    assert method.bytes_added == one_copy
     shards = [torch.randn_like(memory.current) for _ in range(2)]
     for shard, distance in zip(shards, (30.0, 20.0)):  # two shards of edits, saved in turn
         with torch.no_grad():
@@ -187,7 +189,7 @@ def test_wise_retrieve_keeps_each_shard_apart_and_routes_as_the_reference(tiny):
         method._save_shard()
     assert [torch.equal(kept, shard) for kept, shard in zip(memory.memories, shards)] == [True, True]
     assert memory.memory_distances == [30.0, 20.0] and memory.smallest_edit_distance == float("inf")
-    assert not memory.current.any()
+    assert not memory.current.any() and method.bytes_added == 3 * one_copy
     # thresholds (act_ratio 0.88): W' 8.8 (its shard's edits had d 10), memory 1 26.4, memory 2 17.6
     memory.smallest_edit_distance = 10.0
     gaps = torch.tensor([[9.0, 9.0, 30.0, 9.0, 9.0],    # d of W'
@@ -205,7 +207,7 @@ def test_wise_retrieve_keeps_each_shard_apart_and_routes_as_the_reference(tiny):
     memory.memory_distances = [30.0, 20.0]
     method._merge()
     assert len(memory.memories) == 1 and torch.equal(memory.memories[0], ties_merge(shards, [0.5, 0.5]))
-    assert memory.memory_distances == [20.0]
+    assert memory.memory_distances == [20.0] and method.bytes_added == 2 * one_copy
     method.close()
 
 

@@ -320,7 +320,11 @@ class WiseRetrieve(Wise):
 
     def __init__(self, model, tokenizer, settings: BenchSettings, irrelevant: list[Pair] | None = None) -> None:
         super().__init__(model, tokenizer, settings, irrelevant)
-        self.bytes_added = self.memory.current.numel() * 4  # W'; each saved memory adds as much
+        self._count_bytes()
+
+    def _count_bytes(self) -> None:
+        """W' and every saved memory, each a copy of the layer's weight."""
+        self.bytes_added = (1 + len(self.memory.memories)) * self.memory.current.numel() * 4
 
     def model_for_eval(self) -> nn.Module:
         return self.model  # the reference merges nothing before scoring in retrieve mode
@@ -335,7 +339,7 @@ class WiseRetrieve(Wise):
         memory = self.memory
         memory.memory_distances = list(values["memory_distances"])
         memory.memories = [tensors[f"memories.{i}"].to(memory.current.device) for i in range(len(memory.memory_distances))]
-        self.bytes_added = (1 + len(memory.memories)) * memory.current.numel() * 4
+        self._count_bytes()
 
     def _save_shard(self) -> None:
         memory = self.memory
@@ -344,7 +348,7 @@ class WiseRetrieve(Wise):
         memory.smallest_edit_distance = float("inf")  # W''s threshold starts again with the next shard
         with torch.no_grad():
             memory.current.zero_()
-        self.bytes_added += memory.current.numel() * 4
+        self._count_bytes()
 
     def _merge(self) -> None:
         """The last MERGE_FREQ / SAVE_FREQ memories become one, by TIES relative to W at equal weights."""
@@ -355,4 +359,4 @@ class WiseRetrieve(Wise):
         distance = min(memory.memory_distances[-count:])
         memory.memories[-count:] = [merged]
         memory.memory_distances[-count:] = [distance]
-        self.bytes_added -= (count - 1) * memory.current.numel() * 4
+        self._count_bytes()
