@@ -483,6 +483,27 @@ def test_continuation_tokens_train_the_drift_from_the_base_model_after_the_answe
     assert trained[-1] == pytest.approx(drift / positions, rel=1e-3)
 
 
+def test_continuations_go_to_answered_rows_wherever_the_locality_rows_stand(llama):
+    """Locality rows keep the base model's labels and get no continuation; every other row gets the base
+    model's own next tokens after its answer, in whatever order the batch holds its rows."""
+    model, tokenizer = llama
+    detach(model)
+    editor = Editor(model, tokenizer, EditConfig(**CONFIG, continuation_tokens=2))
+    batch = editor._prepare(tiny_facts()[:3])
+    order = sorted(range(len(batch.rows)), key=lambda i: batch.rows[i].labels is None)  # locality rows first
+    assert batch.rows[order[0]].labels is not None and batch.rows[order[-1]].labels is None
+    picked = torch.tensor(order)
+    batch.rows = [batch.rows[i] for i in order]
+    batch.prompt_mask = batch.prompt_mask[picked]
+    batch.prefix = [(k[picked], v[picked]) for k, v in batch.prefix]
+    editor._add_continuations(batch)
+    answered = [row for row in batch.rows if row.labels is None]
+    expected = greedy_continuations(model, tokenizer, [row.pair for row in answered], 2)
+    assert [row.continuation for row in answered] == [tokens for tokens, _ in expected]
+    assert all(row.continuation == [] for row in batch.rows if row.labels is not None)
+    detach(model)
+
+
 def test_portability_scores_the_questions_that_depend_on_an_edit(llama):
     """Portability = teacher-forced accuracy on the facts' portability questions, never trained on."""
     model, tokenizer = llama

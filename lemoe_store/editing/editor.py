@@ -265,13 +265,14 @@ class Editor:
 
     def _add_continuations(self, batch: _Batch) -> None:
         """What the base model writes after each row's answer, and its distributions there (to keep); not
-        for locality rows (the last ones), whose labels are the base model's already."""
-        count = sum(1 for r in batch.rows if r.labels is None)
-        prefix = [(k[:count], v[:count]) for k, v in batch.prefix]
+        for locality rows, whose labels are the base model's already."""
+        answered = [row for row in batch.rows if row.labels is None]
+        picked = torch.tensor([row.labels is None for row in batch.rows], device=self.device)
+        prefix = [(k[picked], v[picked]) for k, v in batch.prefix]  # the cache is (rows, heads, tokens, dim)
         with self.adaptor.bypassed():
-            found = continue_after_answers(self.model, [r.pair for r in batch.rows[:count]], batch.prompt_mask[:count],
-                                           prefix, self.config.continuation_tokens, self.tokenizer.pad_token_id)
-        for row, (tokens, logprobs) in zip(batch.rows, found):
+            found = continue_after_answers(self.model, [r.pair for r in answered], batch.prompt_mask[picked], prefix,
+                                           self.config.continuation_tokens, self.tokenizer.pad_token_id)
+        for row, (tokens, logprobs) in zip(answered, found):
             row.continuation, row.continuation_logprobs = tokens, logprobs
 
     def _locality_rows(self, facts: list[Fact]) -> list[_Row]:
