@@ -4,13 +4,17 @@
 # (`--resume`: it keeps the cells already there and runs the rest), so the grid runs in pieces: run this
 # script again, from the same commit, until every cell is in.
 #
-#     bash benchmarks/grid.sh [OUT]        # default OUT: benchmarks/results/grid
+#     bash benchmarks/grid.sh [OUT]        # default OUT: benchmarks/grid-results
+#
+# OUT's results.json files are tracked (its checkpoints/ are not): a machine that does not outlive a
+# session keeps the grid's cells only in commits. Run it from a worktree of the grid's commit with OUT in
+# the main checkout, and commit what lands there.
 #
 # Refuses to start from a tree with uncommitted changes, and `--resume` refuses results from another
 # commit: every results.json holds cells of one commit only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="${1:-benchmarks/results/grid}"
+out="${1:-benchmarks/grid-results}"
 if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
     echo "grid.sh: commit your changes first (every figure must come from one commit)" >&2
     exit 1
@@ -25,25 +29,28 @@ slow=memoir,wise
 # WISE and MEMOIR edit one fact at a time in their papers and reference code: no batch rows for them.
 batched=lemoe-anchors,lemoe-paper,moe,ft-l,grace
 
-lifelong() {  # lifelong METHODS ZSRE_T COUNTERFACT_T HALLUCINATION_T
+zsre() {  # zsre METHODS T
     lemoe bench lifelong --methods "$1" --data "$data/zsre_mend_eval.json" --T "$2" \
         --protocol both --resume --out "$out/zsre"
+}
+counterfact() {  # counterfact METHODS T
     lemoe bench lifelong --methods "$1" --data "$data/counterfact-edit-1k.json" --records 500:1000 \
-        --T "$3" --protocol both --resume --out "$out/counterfact"
+        --T "$2" --protocol both --resume --out "$out/counterfact"
+}
+hallucination() {  # hallucination METHODS T
     lemoe bench lifelong --methods "$1" --data "$data/hallucination-edit-300.json" --records 150:300 \
-        --T "$4" --protocol both --resume --out "$out/hallucination"
+        --T "$2" --protocol both --resume --out "$out/hallucination"
 }
 batch() {  # batch T
     lemoe bench batch --methods "$batched" --data "$data/zsre_mend_eval.json" --T "$1" \
         --protocol both --resume --out "$out/zsre-batch"
 }
 
-# Small sizes first, so a stopped grid holds every table's first rows; each call skips the cells it has.
-lifelong "$fast,$slow" 1,10 10 10
-batch 10
-lifelong "$fast" 100 100 100
-batch 100
-lifelong "$slow" 100 100 100
-lifelong "$fast" 1000 500 150
-batch 1000
-lifelong "$slow" 1000 500 150
+# Cells that finish within a few hours here first, so every table's rows fill from the top; each call
+# skips the cells it has. The last line's cells take 3 to 21 hours each on 2 CPU cores (WISE about 5
+# minutes per hallucination passage): they need a machine that keeps its checkpoints, or a GPU.
+zsre "$fast,$slow" 1,10; counterfact "$fast,$slow" 10; hallucination "$fast" 10; batch 10
+zsre "$fast" 100; counterfact "$fast" 100; hallucination "$fast" 100; batch 100
+zsre "$fast" 1000; counterfact "$fast" 500; hallucination "$fast" 150; batch 1000
+zsre "$slow" 100; counterfact "$slow" 100; hallucination "$slow" 10
+hallucination "$slow" 100,150; zsre "$slow" 1000; counterfact "$slow" 500

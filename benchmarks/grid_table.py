@@ -1,6 +1,6 @@
 """The grid's cells so far, as the Markdown tables benchmarks/README.md shows (both protocols per row).
 
-    python benchmarks/grid_table.py [OUT]        # default OUT: benchmarks/results/grid
+    python benchmarks/grid_table.py [OUT]        # default OUT: benchmarks/grid-results
 
 Reads each piece's results.json under OUT (zsre, counterfact, hallucination, zsre-batch), refuses pieces
 from different commits, and prints one table per piece, rows grouped by T; at each T the best mean of
@@ -55,7 +55,7 @@ def table(saved: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out", nargs="?", type=Path, default=Path("benchmarks/results/grid"))
+    parser.add_argument("out", nargs="?", type=Path, default=Path("benchmarks/grid-results"))
     args = parser.parse_args()
     commits = set()
     for piece in PIECES:
