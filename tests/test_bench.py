@@ -228,16 +228,17 @@ def test_run_grid_writes_results_and_plot(tiny, tmp_path):
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_bench_writes_a_table_results_and_plot(tiny_llama_dir, facts_file, tmp_path, monkeypatch):
-    from lemoe_store.cli import output
-
-    monkeypatch.setattr(output.console, "width", 160)  # a wide terminal: every column whole
+def test_cli_bench_writes_a_table_results_and_plot(tiny_llama_dir, facts_file, tmp_path):
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, [
         "bench", "lifelong", "--methods", "grace,lemoe-anchors", "--T", "2,4", "--data", str(facts_file),
-        "--irrelevant", str(facts_file), "--model", str(tiny_llama_dir), "--layer", "2", "--out", str(out)])
+        "--irrelevant", str(facts_file), "--model", str(tiny_llama_dir), "--layer", "2", "--out", str(out),
+        "--protocol", "both"])
     assert result.exit_code == 0, result.output
-    assert "GRACE" in result.output and "LEMoE with" in result.output  # each row under its method's name
+    # each row under its method's name; piped (no terminal), the table keeps its natural width, every cell whole
+    assert "| GRACE " in result.output.replace("│", "|")
+    assert "LEMoE with per-fact anchor routing (ours)" in result.output
+    assert "PPL (base)" in result.output and "degenerate (base)" in result.output and "bytes/edit" in result.output
     saved = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["T"]) for r in saved["results"]] == [("grace", 2), ("lemoe-anchors", 2), ("grace", 4),
                                                                  ("lemoe-anchors", 4)]

@@ -14,7 +14,7 @@ from .. import models
 from ..bench import DEFAULT_METHODS, PROTOCOLS, TITLES
 from ..errors import BenchError
 from ..schemas.facts import load_facts
-from .output import console, err_console, fmt, print_json
+from .output import console, err_console, fmt, print_json, print_table
 
 if TYPE_CHECKING:  # the benchmark (torch) loads only when it runs
     from ..bench import Result
@@ -123,7 +123,7 @@ def _run(mode: str, methods: str, sizes: str, data: Path, records: str | None, i
     if json_:
         print_json({**meta, "results": [r.__dict__ for r in results], "files": [str(json_path), str(png_path)]})
         return
-    console.print(_table(results, f"{mode} editing: {data.name}, {model}, layer {layer}"))
+    print_table(_table(results, f"{mode} editing: {data.name}, {model}, layer {layer}"))
     console.print(f"wrote {json_path} and {png_path} ({meta['seconds_total']} s)", highlight=False)
 
 
@@ -133,7 +133,7 @@ def _table(results: list[Result], title: str) -> Table:
     ported = any(r.portability is not None for r in results)  # only data with portability questions has them
     columns = ["method", "T", "batch", "Rel", "Gen", "Loc", "mean"] + ["Port."] * ported + ["PPL (base)"]
     columns += ["WILD Rel", "WILD Gen", "WILD Loc", "WILD mean"] + ["WILD Port."] * ported if wild else []
-    columns += ["fluency (base)"] * wild + ["s/edit", "bytes/edit"]
+    columns += ["fluency (base)", "degenerate (base)"] * wild + ["s/edit", "bytes/edit"]
     for column in columns:
         # The method's name wraps in a narrow terminal; the figures never do.
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column != "method")
@@ -142,7 +142,8 @@ def _table(results: list[Result], title: str) -> Table:
         cells += [fmt(r.portability)] * ported + [f"{fmt(r.ppl, 2)} ({fmt(r.base_ppl, 2)})"]
         if wild:
             cells += [fmt(r.wild_rel), fmt(r.wild_gen), fmt(r.wild_loc), fmt(r.wild_mean)]
-            cells += [fmt(r.wild_portability)] * ported + [f"{fmt(r.fluency, 2)} ({fmt(r.base_fluency, 2)})"]
+            cells += [fmt(r.wild_portability)] * ported + [f"{fmt(r.fluency, 2)} ({fmt(r.base_fluency, 2)})",
+                                                           f"{fmt(r.degenerate, 2)} ({fmt(r.base_degenerate, 2)})"]
         table.add_row(*cells, fmt(r.s_per_edit), f"{r.bytes_per_edit:,.0f}")
     return table
 

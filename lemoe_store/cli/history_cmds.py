@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..editing.config import PLANS
 from ..repo import Repo
-from .output import JsonOption, RayOption, StoreOption, WorkersOption, console, fmt, print_json, short
+from .output import JsonOption, RayOption, StoreOption, WorkersOption, console, fmt, print_json, print_table, short
 
 
 def branch(
@@ -81,13 +81,16 @@ def diff(
         for change in changes:
             table.add_row(sign, change.prompt, change.before or "", change.after or "")
     if table.row_count:
-        console.print(table)
+        print_table(table)
     if result.behavior is not None:
         behavior = Table("kind", "prompt", f"answer at {short(result.rev_a)}", f"answer at {short(result.rev_b)}",
                           title="prompts whose greedy answer differs")
         for change in result.behavior:
             behavior.add_row(change.kind, change.prompt, change.answer_a, change.answer_b)
-        console.print(behavior if behavior.row_count else "no prompt answers differently")
+        if behavior.row_count:
+            print_table(behavior)
+        else:
+            console.print("no prompt answers differently")
 
 
 def revert(
@@ -132,7 +135,7 @@ def replay(
     for row in rows:
         table.add_row(row.label, row.plan, str(row.batches), fmt(row.rel), fmt(row.gen), fmt(row.loc),
                       fmt(row.seconds, 1))
-    console.print(table)
+    print_table(table)
 
 
 def blame(
@@ -171,7 +174,7 @@ def blame(
     for match in result.matches:
         table.add_row(short(match.commit), str(match.expert), match.prompt or match.fact_id, f"{match.similarity:.3f}")
     if table.row_count:
-        console.print(table)
+        print_table(table)
     console.print(f"answer:          [bold]{query}[/]{result.answer}", highlight=False)
     if result.answer_without_expert is not None:
         console.print(f"without expert:  [bold]{query}[/]{result.answer_without_expert}", highlight=False)

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
 
 console = Console()
 err_console = Console(stderr=True)
@@ -19,6 +21,17 @@ RayOption = Annotated[str | None, typer.Option(
 StoreOption = Annotated[
     str | None, typer.Option("--store", envvar="LEMOE_DIR", help="Store path (default: .lemoe here or above).")
 ]
+
+
+def print_table(table: Table) -> None:
+    """A table, whole. On a terminal rich fits it to the screen; piped or redirected (a log, a file) there is
+    no screen, and rich's 80-column default would squeeze wide tables' columns to nothing, so it is printed
+    at its natural width."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update_width(100_000), table).maximum
+    Console(width=natural).print(table)
 
 
 def print_json(data: object) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..repo import Repo
-from .output import JsonOption, StoreOption, console, err_console, fmt, print_json
+from .output import JsonOption, StoreOption, console, err_console, fmt, print_json, print_table
 
 
 def serve(
@@ -71,7 +71,7 @@ def audit(
         prompt = r.prompt if r.prompt is not None else f"sha256:{r.prompt_sha256[:12]}"
         table.add_row(when, r.model, r.version[:8], answered, r.fact_id or "-", fmt(r.similarity, 2),
                       prompt.replace("\n", " "))
-    console.print(table)
+    print_table(table)
     console.print(f"{len(records)} answer(s)", style="dim")
 
 

@@ -14,7 +14,8 @@ from .. import models
 from ..editing.config import PLANS
 from ..repo import Repo
 from ..schemas.facts import FORMATS, load_facts
-from .output import JsonOption, RayOption, StoreOption, WorkersOption, console, err_console, fmt, print_json, short
+from .output import (JsonOption, RayOption, StoreOption, WorkersOption, console, err_console, fmt, print_json,
+                     print_table, short)
 
 
 def _when(timestamp: float) -> str:
@@ -168,7 +169,7 @@ def show(
     for fact in info.facts:
         table.add_row(fact.id, fact.prompt, fact.target)
     if table.row_count:
-        console.print(table)
+        print_table(table)
 
 
 def status(store: StoreOption = None, json_: JsonOption = False) -> None:
@@ -257,7 +258,7 @@ def eval_(
     table.add_row(str(scores.facts), *(fmt(v) for v in (scores.rel, scores.gen, scores.loc)),
                   *[fmt(scores.portability)] * ported, f"{fmt(scores.ppl, 2)} ({fmt(scores.base_ppl, 2)})",
                   *(fmt(v) for v in (scores.routing_edit, scores.routing_rephrase, scores.routing_locality)))
-    console.print(table)
+    print_table(table)
     if generate:
         wild = Table("WILD Rel", "WILD Gen", "WILD Loc", *["WILD Port."] * ported, "fluency (base)",
                      "degenerate (base)")
@@ -265,7 +266,7 @@ def eval_(
                      *[fmt(scores.wild_portability)] * ported,
                      f"{fmt(scores.fluency)} ({fmt(scores.base_fluency)})",
                      f"{fmt(scores.degenerate)} ({fmt(scores.base_degenerate)})")
-        console.print(wild)
+        print_table(wild)
         _print_samples(scores.samples, samples)
 
 
