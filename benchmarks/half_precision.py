@@ -1,11 +1,13 @@
-"""Experts stored in half precision: do Rel/Gen/Loc (both protocols) stay within 0.005 of fp32?
+"""How experts are stored: do Rel/Gen/Loc (both protocols) stay within 0.005 of the experts as trained?
 
     python benchmarks/half_precision.py [--data ../shared/data/zsre_mend_train-1k.json] [--T 300]
 
 Trains the first T facts of a tuning split (prompt, target, subject; batch 10, cluster plan) once, in fp32,
-then scores the same experts three times: as trained, and with their weights rounded to float16 and to
-bfloat16 (what storing them so and loading them back gives). Reports every metric, the largest change
-against fp32, and the bytes per fact each storage takes (expert + anchor blobs; anchors stay fp32).
+keeping whole key readers, then scores the same experts as trained, with their weights rounded to float16
+and to bfloat16, and rounded to float16 with the key readers stored as their images at the anchors (what
+the engine stores now; see `adaptor.compact_key_readers`): what storing them so and loading them back
+gives. Reports every metric, the largest change against fp32, and the bytes per fact each storage takes
+(expert + anchor blobs; anchors stay fp32).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from lemoe_store.bench import code_version
 from lemoe_store.editing import EditConfig, Editor, attach, detach, evaluate, plan
+from lemoe_store.editing import editor as engine
+from lemoe_store.editing.adaptor import compact_key_readers
 from lemoe_store.editing.metrics import base_generations
 from lemoe_store.models import load_model
 from lemoe_store.plumbing import artifact_to_blobs
@@ -37,17 +42,23 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model("smollm2-135m")
     facts = load_facts(args.data, skipped=[])[: args.T]
-    config = EditConfig(layer=18, anchor_rephrases=False, locality_regulariser=False)
+    config = EditConfig(layer=18, anchor_rephrases=False, locality_regulariser=False, expert_dtype="float32")
     base = base_generations(model, tokenizer, facts)
     editor = Editor(model, tokenizer, config)
     keys = editor.keys([f.prompt for f in facts])
-    artifacts = [editor.edit([Fact(prompt=facts[i].prompt, target=facts[i].target, id=facts[i].id,
-                                   subject=facts[i].subject) for i in batch])
-                 for batch in plan(keys, config.batch_size, config.plan, config.seed,
-                                   groups=[f.subject or None for f in facts])]
+    # The experts exactly as trained: whole key readers, not the images the engine would store of them.
+    with mock.patch.object(engine, "compact_key_readers", lambda weights, _anchors: weights):
+        artifacts = [editor.edit([Fact(prompt=facts[i].prompt, target=facts[i].target, id=facts[i].id,
+                                       subject=facts[i].subject) for i in batch])
+                     for batch in plan(keys, config.batch_size, config.plan, config.seed,
+                                       groups=[f.subject or None for f in facts])]
+    storages = {"float32": (torch.float32, False), "float16": (torch.float16, False),
+                "bfloat16": (torch.bfloat16, False), "float16, key images": (torch.float16, True)}
     rows = {}
-    for name, dtype in (("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+    for name, (dtype, images) in storages.items():
         stored = [replace(a, weights={k: v.to(dtype) for k, v in a.weights.items()}) for a in artifacts]
+        if images:
+            stored = [replace(a, weights=compact_key_readers(a.weights, a.anchors)) for a in stored]
         detach(model)
         attach(model, [replace(a, weights={k: v.float() for k, v in a.weights.items()}) for a in stored], config)
         scores = evaluate(model, tokenizer, facts, generate=True, base=base)

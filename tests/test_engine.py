@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_facts
 from lemoe_store.editing import EditConfig, Editor, attach, detach, evaluate, find_adaptor, plan
-from lemoe_store.editing.adaptor import RoutingDecision
+from lemoe_store.editing.adaptor import KEY_READERS, RoutingDecision, compact_key_readers, restore_key_readers
 from lemoe_store.editing.batching import encode_pair, encode_prompt, greedy_continuations, teacher_forced_predictions
 from lemoe_store.editing.routing import NO_EXPERT
 from lemoe_store.editing.wild import greedy_texts
@@ -85,9 +85,10 @@ def test_earlier_experts_are_frozen_bit_for_bit(llama):
     first = editor.edit(facts[:6])
     snapshot = {k: v.clone() for k, v in editor.adaptor.experts[0].state_dict().items()}
     editor.edit(facts[6:])
+    stored = restore_key_readers(first.weights, first.anchors)
     for name, tensor in editor.adaptor.experts[0].state_dict().items():
         assert torch.equal(tensor, snapshot[name])
-        assert torch.equal(tensor, first.weights[name])
+        assert torch.equal(tensor, stored[name])
     assert not any(p.requires_grad for p in editor.adaptor.parameters())
     assert not any(p.requires_grad for p in model.parameters())
 
@@ -196,12 +197,41 @@ def test_experts_saved_before_the_key_projections_load_as_zero_projections(llama
     facts = tiny_facts()[:6]
     config = EditConfig(**CONFIG)
     artifact = Editor(model, tokenizer, config).edit(facts)
+    artifact = replace(artifact, weights=restore_key_readers(artifact.weights, artifact.anchors))  # whole projections
     zeroed = replace(artifact, weights={**artifact.weights, **{k: torch.zeros_like(artifact.weights[k]) for k in missing}})
     older = replace(artifact, weights={k: v for k, v in artifact.weights.items() if k not in missing})
     attach(model, [zeroed], config)
     expected = _logits(model, tokenizer, facts[0].prompt)
     attach(model, [older], config)
     assert torch.equal(_logits(model, tokenizer, facts[0].prompt), expected)
+
+
+def test_key_readers_are_stored_as_their_images_at_the_anchors_and_answer_as_whole_projections(llama):
+    model, tokenizer = llama
+    facts = tiny_facts()[:6]
+    config = EditConfig(**CONFIG)
+    base = [_logits(model, tokenizer, f.prompt) for f in facts]
+    compact = Editor(model, tokenizer, config).edit(facts)
+    anchors = compact.anchors
+    for reader in KEY_READERS:
+        assert f"{reader}.weight" not in compact.weights
+        assert compact.weights[f"{reader}.anchor_images"].shape == (len(anchors), config.rank)
+    # Whole projections as an older artifact stores them, with a part no anchor can see added: the
+    # images, and so every answer, are the same.
+    unseen = torch.eye(anchors.shape[1]) - torch.linalg.pinv(anchors) @ anchors
+    whole = restore_key_readers(compact.weights, anchors)
+    for reader in KEY_READERS:
+        whole[f"{reader}.weight"] = whole[f"{reader}.weight"] + torch.randn(config.rank, anchors.shape[1]) @ unseen
+    again = compact_key_readers(whole, anchors)
+    for reader in KEY_READERS:
+        assert torch.allclose(again[f"{reader}.anchor_images"], compact.weights[f"{reader}.anchor_images"], atol=1e-4)
+    attach(model, [replace(compact, weights=whole)], config)
+    from_whole = [_logits(model, tokenizer, f.prompt) for f in facts]
+    attach(model, [compact], config)
+    for fact, before, expected in zip(facts, base, from_whole):
+        answered = _logits(model, tokenizer, fact.prompt)
+        assert torch.allclose(answered, expected, atol=1e-4)
+        assert not torch.allclose(answered, before, atol=1e-3)  # the expert answers
 
 
 def test_keys_are_read_at_the_key_layer(llama):

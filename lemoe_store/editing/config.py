@@ -37,7 +37,8 @@ class AdaptorConfig:
     seed: seeds training, planning and the paper router's initial projection.
     expert_dtype: the precision experts are kept and stored in once trained (they train in the model's).
         float16 halves the bytes per fact; on the ZsRE training split it changes no metric by more than
-        benchmarks/half_precision.py reports. Stores made before this setting existed keep float32.
+        benchmarks/half_precision.py reports. Stores made before this setting existed keep float32. (The key
+        readers' images at the anchors stay float32, as the anchors do: see `adaptor.compact_key_readers`.)
     """
 
     layer: int | None = None

@@ -19,7 +19,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..schemas.facts import Fact
-from .adaptor import ROUTER_PREFIX, Expert, ExpertArtifact, LemoeAdaptor, RoutingDecision, attach, decoder_layers
+from .adaptor import (ROUTER_PREFIX, Expert, ExpertArtifact, LemoeAdaptor, RoutingDecision, attach, compact_key_readers,
+                      decoder_layers, restore_key_readers)
 from .batching import (Pair, chunk_layout, continue_after_answers, encode_pair, left_pad, model_device, positions,
                        prompt_prefix, routing_keys, teacher_forced_predictions)
 from .config import EditConfig
@@ -243,13 +244,17 @@ class Editor:
         finally:
             for parameter in parameters:
                 parameter.requires_grad_(False)
-        # Frozen at the storage precision, and the live expert rounded the same way: the model answers now
-        # exactly as it will once the version is loaded back from the store.
+        # Frozen at the storage precision, key readers as their images at the anchors (anchor routing), and
+        # the live expert made the same way: the model answers now exactly as it will once the version is
+        # loaded back from the store.
         storage = getattr(torch, self.config.expert_dtype)
         weights = {k: v.detach().to("cpu", storage).clone() for k, v in trained_weights.items()}
+        if router is None:
+            weights = compact_key_readers(weights, anchors)
+        live = restore_key_readers(weights, anchors)
         with torch.no_grad():
             for name, parameter in trained_weights.items():
-                parameter.copy_(weights[name].to(parameter.dtype))
+                parameter.copy_(live[name].to(parameter.device, parameter.dtype))
         stats = {
             "steps": steps,
             "loss": round(loss, 6),
