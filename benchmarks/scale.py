@@ -43,6 +43,7 @@ from parallel_commit import timed_commit  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_SETS = ("zsre_mend_eval.json", "zsre_mend_train-1k.json", "counterfact-edit-1k.json", "hallucination-edit-300.json")
 CHUNK = 500
+FORWARD_PASSES = 7
 LEMOE = [sys.executable, "-m", "lemoe_store"]
 
 SYLLABLES = "ka lo mi ren tas vel dor shi pra nu bel zan ov eth quin ral sor tem ula ix".split()
@@ -141,9 +142,13 @@ def routed_forward(repo: Repo, facts: list[Fact]) -> dict:
                                      "The first president of the United States was", "A week has"] * 10}
     rows = {"experts": experts}
     for name, batch in prompts.items():
-        routed = forward_seconds(model, tokenizer, batch)
-        with disable_experts(model):
-            base = forward_seconds(model, tokenizer, batch)
+        # Alternating passes, best of each: this machine's speed drifts by ±15 % between consecutive
+        # passes, which one block of routed passes then one of base passes read as a ratio.
+        routed = base = float("inf")
+        for _ in range(FORWARD_PASSES):
+            routed = min(routed, forward_seconds(model, tokenizer, batch, repeats=1))
+            with disable_experts(model):
+                base = min(base, forward_seconds(model, tokenizer, batch, repeats=1))
         rows[name] = {"routed_ms": round(1000 * routed / len(batch), 2), "base_ms": round(1000 * base / len(batch), 2),
                       "ratio": round(routed / base, 3)}
         print(f"  forward, {name}: {rows[name]}", flush=True)

@@ -113,6 +113,9 @@ def restore_key_readers(weights: dict[str, torch.Tensor], anchors: torch.Tensor)
 class ExpertArtifact:
     """What one edit batch leaves behind: a frozen expert, its anchor keys and the training record.
 
+    `weights` are the expert's tensors by name; under anchor routing its key readers are there as their
+    images at the anchors (`key.anchor_images`, `value.anchor_images`; see `compact_key_readers`).
+
     Per anchor: the fact it stands for, the span its expert acts on (answer tokens) and the subject's token
     sequences its query must contain (empty: none). Artifacts saved before spans and subjects were kept
     have neither (unbounded span, no subject check)."""
